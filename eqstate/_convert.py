@@ -1,0 +1,46 @@
+"""Conversions that keep state strongly typed, so a jitted step compiles once."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.lax.lax import _convert_element_type  # keeps weak types; no public twin
+
+
+def is_key(x: Any) -> bool:
+    """Whether `x` is a typed PRNG key array (`jax.random.key`)."""
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _is_array_like(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))
+
+
+def _strong(x: Any) -> Any:
+    if not _is_array_like(x) or is_key(x):
+        return x
+    if isinstance(x, jax.Array) and not x.weak_type:
+        return x
+    dtype = jnp.asarray(x).dtype
+    return jnp.asarray(x, dtype=dtype)
+
+
+def to_strong(value: Any) -> Any:
+    """Turn every array-like leaf of `value` into a strongly typed JAX array.
+
+    Python scalars, NumPy arrays and weakly typed JAX arrays become JAX arrays with
+    JAX's default dtype for them (`0` -> int32, `0.0` -> float32 without x64). Typed
+    PRNG keys, strongly typed arrays and non-array leaves are returned unchanged.
+    """
+    if _is_array_like(value):
+        return _strong(value)
+    return jax.tree_util.tree_map(_strong, value)
+
+
+def cast_like(value: Any, old: jax.Array | np.ndarray) -> jax.Array:
+    """Cast `value` to the dtype and weak-typedness of `old` (no-op when they agree)."""
+    weak = getattr(old, "weak_type", False)
+    if isinstance(value, jax.Array) and value.dtype == old.dtype and value.weak_type == weak:
+        return value
+    return _convert_element_type(value, old.dtype, weak_type=weak)

@@ -1,0 +1,203 @@
+"""`filter` / `partition` / `combine` / `spec`: split a pytree by kind and put it back."""
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import equinox as eqx
+import jax.tree_util as jtu
+
+from ._kinds import Kind
+from ._resolve import Plan, plan
+
+
+Filter: TypeAlias = type[Kind] | Callable[[tuple, type[Kind], Any], bool] | tuple[Any, ...] | Any
+"""A kind class, `...`, a callable `(path, kind, leaf) -> bool`, or a tuple of these."""
+
+_MSG_BAD_FILTER = (
+    "{where}: {filter!r} is not a filter. A filter is a subclass of eqstate.Kind (such "
+    "as eqstate.Param or eqstate.State), `...` (everything), a callable "
+    "`(path, kind, leaf) -> bool`, or a tuple of these (any of them)."
+)
+_MSG_NO_FILTER = "{where} needs at least one filter, e.g. `{where}(tree, eqstate.State)`."
+
+
+def _check(f: Any, where: str) -> None:
+    if f is ... or (isinstance(f, type) and issubclass(f, Kind)):
+        return
+    if isinstance(f, tuple):
+        for g in f:
+            _check(g, where)
+        return
+    if isinstance(f, type) or not callable(f):
+        raise TypeError(_MSG_BAD_FILTER.format(where=where, filter=f))
+
+
+def _needs_paths(f: Any) -> bool:
+    if isinstance(f, tuple):
+        return any(_needs_paths(g) for g in f)
+    return f is not ... and not isinstance(f, type)
+
+
+def _matches(f: Any, path: tuple, kind: type[Kind], leaf: Any) -> bool:
+    if f is ...:
+        return True
+    if isinstance(f, type):
+        return issubclass(kind, f) and eqx.is_array(leaf)
+    if isinstance(f, tuple):
+        return any(_matches(g, path, kind, leaf) for g in f)
+    return bool(f(path, kind, leaf))
+
+
+def _assign(leaves: list, p: Plan, filters: tuple, where: str) -> list[int]:
+    """For each leaf, the index of the first filter it matches (`len(filters)` if none)."""
+    if not filters:
+        raise TypeError(_MSG_NO_FILTER.format(where=where))
+    for f in filters:
+        _check(f, where)
+    paths = p.paths if any(_needs_paths(f) for f in filters) else (None,) * len(leaves)
+    n = len(filters)
+    out = []
+    for leaf, kind, path in zip(leaves, p.kinds, paths):
+        for i, f in enumerate(filters):
+            if _matches(f, path, kind, leaf):
+                out.append(i)
+                break
+        else:
+            out.append(n)
+    return out
+
+
+def filter(tree: Any, *filters: Filter) -> Any:
+    """Keep the leaves of `tree` that match any of `filters`; replace the rest by `None`.
+
+    **Arguments:**
+
+    - `tree`: any pytree, usually an `eqstate.Module`.
+    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`.
+        A kind matches array leaves of that kind or a subclass of it only.
+
+    **Returns:**
+
+    A pytree with the structure of `tree`, as `eqx.filter` returns.
+
+    !!! example
+
+        ```python
+        state = eqstate.filter(model, eqstate.State)
+        ```
+    """
+    leaves, p = plan(tree)
+    which = _assign(leaves, p, filters, "eqstate.filter")
+    n = len(filters)
+    return p.treedef.unflatten([x if i < n else None for x, i in zip(leaves, which)])
+
+
+def partition(tree: Any, *filters: Filter) -> tuple[Any, ...]:
+    """Split a pytree into one tree per filter, plus one tree for everything left.
+
+    **Arguments:**
+
+    - `tree`: any pytree, usually an `eqstate.Module`.
+    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`.
+
+    **Returns:**
+
+    A tuple of `len(filters) + 1` trees with the structure of `tree`; each leaf appears in
+    exactly one of them (the first filter it matches) and is `None` in the others.
+
+    !!! example
+
+        ```python
+        params, state, rest = eqstate.partition(model, eqstate.Param, eqstate.State)
+        model = eqstate.combine(params, state, rest)
+        ```
+    """
+    leaves, p = plan(tree)
+    which = _assign(leaves, p, filters, "eqstate.partition")
+    return tuple(
+        p.treedef.unflatten([x if i == j else None for x, i in zip(leaves, which)])
+        for j in range(len(filters) + 1)
+    )
+
+
+def spec(tree: Any, *filters: Filter) -> Any:
+    """A `bool` pytree, `True` where a leaf matches any of `filters`.
+
+    Usable as the `filter_spec` of `eqx.partition` / `eqx.filter`.
+
+    !!! example
+
+        ```python
+        dynamic, static = eqx.partition(model, eqstate.spec(model, eqstate.Param))
+        ```
+    """
+    leaves, p = plan(tree)
+    which = _assign(leaves, p, filters, "eqstate.spec")
+    return p.treedef.unflatten([i < len(filters) for i in which])
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def first_mismatch(a: Any, b: Any, path: tuple = ()) -> str | None:
+    """The key path where `a` and `b` first differ in structure, with what differs.
+
+    `None` counts as a leaf. Returns `None` when the structures are equal.
+    """
+    ka, da = jtu.tree_flatten_with_path(a, is_leaf=lambda x: x is not a)
+    kb, db = jtu.tree_flatten_with_path(b, is_leaf=lambda x: x is not b)
+    if da != db:
+        where = jtu.keystr(path) or "the root"
+        return f"at {where}: {_describe(a, da)} != {_describe(b, db)}"
+    if da.num_nodes == 1 and da.num_leaves <= 1 and (not ka or ka[0][1] is a):
+        return None  # both leaves (or both empty)
+    for (k, ca), (_, cb) in zip(ka, kb):
+        found = first_mismatch(ca, cb, path + k)
+        if found is not None:
+            return found
+    return None
+
+
+def _describe(x: Any, treedef: jtu.PyTreeDef) -> str:
+    if x is None:
+        return "None"
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+        return f"a leaf ({type(x).__name__})"
+    return str(treedef)
+
+
+def check_same_structure(trees: tuple, where: str, names: Callable[[int], str]) -> list:
+    """Flatten `trees` with `None` as a leaf; raise naming the first mismatch if needed."""
+    flat = [jtu.tree_flatten(t, is_leaf=_is_none) for t in trees]
+    treedef = flat[0][1]
+    for i, (_, d) in enumerate(flat[1:], 1):
+        if d != treedef:
+            detail = first_mismatch(trees[0], trees[i]) or f"{treedef} != {d}"
+            raise ValueError(
+                f"{where}: {names(i)} does not have the structure of {names(0)}; they "
+                f"first differ {detail}. Pass trees made by eqstate.partition / "
+                "eqstate.filter from the same model."
+            )
+    return flat
+
+
+def combine(*trees: Any) -> Any:
+    """Inverse of `eqstate.partition`: merge trees of the same structure.
+
+    Each leaf is taken from the first tree where it is not `None`.
+
+    **Arguments:**
+
+    - `*trees`: pytrees of the same structure, with `None` where a leaf is absent.
+
+    **Returns:**
+
+    One pytree of that structure.
+    """
+    if not trees:
+        raise TypeError("eqstate.combine needs at least one tree.")
+    flat = check_same_structure(trees, "eqstate.combine", lambda i: f"tree {i}")
+    columns = zip(*(leaves for leaves, _ in flat))
+    merged = [next((x for x in col if x is not None), None) for col in columns]
+    return flat[0][1].unflatten(merged)

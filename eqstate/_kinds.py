@@ -1,0 +1,158 @@
+"""Kinds: plain classes that tag dataclass fields, and the field specifiers that set them."""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+
+from ._convert import to_strong
+
+
+KIND_KEY = "eqstate.kind"
+FIXED_SHAPE_KEY = "eqstate.fixed_shape"
+
+
+class Kind:
+    """Base class of every field kind.
+
+    A kind is a plain class: it is never instantiated. Subclass it (or one of the
+    built-in kinds) to make your own; a filter for a kind matches its subclasses too.
+
+    !!! example
+
+        ```python
+        class Cache(eqstate.State):
+            pass
+
+        class Model(eqstate.Module):
+            cache: jax.Array = Cache.field()
+        ```
+    """
+
+    def __init__(self) -> None:
+        raise TypeError(
+            f"{type(self).__name__} is a kind, used as a class: declare fields with "
+            f"`{type(self).__name__}.field()` and filter with `{type(self).__name__}` "
+            "itself; it is never instantiated."
+        )
+
+    @classmethod
+    def field(
+        cls,
+        *,
+        default: Any = dataclasses.MISSING,
+        default_factory: Any = dataclasses.MISSING,
+        init: bool = True,
+        repr: bool = True,
+        converter: Callable[[Any], Any] | None = None,
+        static: bool = False,
+        fixed_shape: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Declare a field of this kind. Same as `eqstate.field(kind=cls, ...)`."""
+        return field(
+            kind=cls,
+            default=default,
+            default_factory=default_factory,
+            init=init,
+            repr=repr,
+            converter=converter,
+            static=static,
+            fixed_shape=fixed_shape,
+            **kwargs,
+        )
+
+
+class Param(Kind):
+    """Trainable parameters. Every leaf not under a declared field is a `Param`."""
+
+
+class State(Kind):
+    """Non-trainable state, updated by the model itself (counters, running values).
+
+    Array values given to a `State` field in `__init__` are converted to strongly typed
+    JAX arrays, so state is never a static Python value.
+    """
+
+
+class BatchStat(State):
+    """Running statistics of a batch, such as `BatchNorm`'s mean and variance."""
+
+
+class Rng(State):
+    """A PRNG key owned by the module."""
+
+
+class OptState(State):
+    """Optimiser state."""
+
+
+def _check_kind(kind: Any) -> type[Kind]:
+    if not (isinstance(kind, type) and issubclass(kind, Kind)):
+        raise TypeError(
+            f"eqstate.field(kind=...) expects a subclass of eqstate.Kind (such as "
+            f"eqstate.State), got {kind!r}."
+        )
+    return kind
+
+
+def field(
+    *,
+    kind: type[Kind] = Param,
+    default: Any = dataclasses.MISSING,
+    default_factory: Any = dataclasses.MISSING,
+    init: bool = True,
+    repr: bool = True,
+    converter: Callable[[Any], Any] | None = None,
+    static: bool = False,
+    fixed_shape: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Declare a dataclass field of an `eqstate.Module` with a kind.
+
+    **Arguments:**
+
+    - `kind`: a subclass of `eqstate.Kind`. It applies to every leaf of the field's
+        value, down to any field inside it that declares a kind of its own.
+    - `default`, `default_factory`, `init`, `repr`, `converter`, `static`, `**kwargs`:
+        as for `eqx.field` / `dataclasses.field`.
+    - `fixed_shape`: if `True` (the default), an array assigned to this field inside an
+        `@eqstate.mutating` method must keep the field's shape. Pass `False` for state
+        whose shape legitimately changes.
+
+    The kind is stored in the field's metadata: the pytree structure of the module is
+    exactly that of an `eqx.Module` with the same fields. For `State` kinds, array-like
+    values (Python scalars, NumPy arrays, weakly typed JAX arrays) are converted to
+    strongly typed JAX arrays when the module is built.
+    """
+    kind = _check_kind(kind)
+    metadata = dict(kwargs.pop("metadata", None) or {})
+    metadata[KIND_KEY] = kind
+    metadata[FIXED_SHAPE_KEY] = bool(fixed_shape)
+    if issubclass(kind, State) and not static:
+        converter = to_strong if converter is None else _compose(converter)
+    if default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kwargs["default_factory"] = default_factory
+    return eqx.field(
+        converter=converter,
+        static=static,
+        init=init,
+        repr=repr,
+        metadata=metadata,
+        **kwargs,
+    )
+
+
+def _compose(converter: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return to_strong(converter(value))
+
+    return convert
+
+
+def field_kind(f: dataclasses.Field) -> type[Kind] | None:
+    """The kind declared on a dataclass field, or `None`."""
+    return f.metadata.get(KIND_KEY)
