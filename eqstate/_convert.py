@@ -43,4 +43,4 @@ def cast_like(value: Any, old: jax.Array | np.ndarray) -> jax.Array:
     weak = getattr(old, "weak_type", False)
     if isinstance(value, jax.Array) and value.dtype == old.dtype and value.weak_type == weak:
         return value
-    return _convert_element_type(value, old.dtype, weak_type=weak)
+    return _convert_element_type(value, old.dtype, weak_type=weak)  # pyright: ignore[reportReturnType]

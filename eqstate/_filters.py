@@ -1,10 +1,16 @@
 """`filter` / `partition` / `combine` / `spec`: split a pytree by kind and put it back."""
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import equinox as eqx
 import jax.tree_util as jtu
+
+
+if TYPE_CHECKING:  # jax.tree_util.PyTreeDef is a variable to type checkers
+    from jaxlib._jax.pytree import PyTreeDef
+else:
+    PyTreeDef = jtu.PyTreeDef
 
 from ._kinds import Kind
 from ._resolve import Plan, plan
@@ -38,7 +44,7 @@ def _needs_paths(f: Any) -> bool:
     return f is not ... and not isinstance(f, type)
 
 
-def _matches(f: Any, path: tuple, kind: type[Kind], leaf: Any) -> bool:
+def _matches(f: Any, path: tuple | None, kind: type[Kind], leaf: Any) -> bool:
     if f is ...:
         return True
     if isinstance(f, type):
@@ -159,7 +165,7 @@ def first_mismatch(a: Any, b: Any, path: tuple = ()) -> str | None:
     return None
 
 
-def _describe(x: Any, treedef: jtu.PyTreeDef) -> str:
+def _describe(x: Any, treedef: PyTreeDef) -> str:
     if x is None:
         return "None"
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools as ft
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -206,7 +207,7 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
 
 def _draft(obj: _M) -> _M:
     new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__)
+    vars(new).update(vars(obj))
     return new
 
 
@@ -260,5 +261,21 @@ def mutating(
             _drafts.remove(new)
         return result, new
 
-    wrapper.__eqstate_mutating__ = True  # pyright: ignore[reportFunctionMemberAccess]
+    _advertise_pair_return(wrapper, method)
     return wrapper
+
+
+def _advertise_pair_return(wrapper: Callable, method: Callable) -> None:
+    """Make `wrapper`'s signature say it returns `(result, model)`.
+
+    Decorators stacked outside `mutating` (such as `jaxtyping.jaxtyped`) then check the
+    pair against `tuple[<declared return>, Any]` instead of the bare result.
+    """
+    try:
+        sig = inspect.signature(method)
+    except (TypeError, ValueError):
+        return
+    ret = sig.return_annotation
+    pair = Any if ret is inspect.Signature.empty else tuple[ret, Any]
+    wrapper.__signature__ = sig.replace(return_annotation=pair)  # pyright: ignore[reportFunctionMemberAccess]
+    wrapper.__annotations__ = {**getattr(method, "__annotations__", {}), "return": pair}

@@ -1,10 +1,16 @@
 """Leaf -> kind resolution, computed once per tree structure and cached."""
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 import jax.tree_util as jtu
+
+
+if TYPE_CHECKING:  # jax.tree_util.PyTreeDef is a variable to type checkers
+    from jaxlib._jax.pytree import PyTreeDef
+else:
+    PyTreeDef = jtu.PyTreeDef
 
 from ._kinds import Kind, Param, field_kind
 
@@ -14,7 +20,7 @@ class Plan:
 
     __slots__ = ("_example", "_paths", "kinds", "treedef")
 
-    def __init__(self, treedef: jtu.PyTreeDef, kinds: tuple[type[Kind], ...], example):
+    def __init__(self, treedef: PyTreeDef, kinds: tuple[type[Kind], ...], example):
         self.treedef = treedef
         self.kinds = kinds
         self._paths: tuple | None = None
@@ -29,7 +35,7 @@ class Plan:
         return self._paths
 
 
-_PLANS: dict[jtu.PyTreeDef, Plan] = {}
+_PLANS: dict[PyTreeDef, Plan] = {}
 _MAX_PLANS = 4096
 
 
@@ -64,7 +70,7 @@ def plan(tree: Any) -> tuple[list[Any], Plan]:
     return leaves, p
 
 
-def _make_plan(tree: Any, treedef: jtu.PyTreeDef, num_leaves: int) -> Plan:
+def _make_plan(tree: Any, treedef: PyTreeDef, num_leaves: int) -> Plan:
     kinds: list[type[Kind]] = []
     _kinds_of(tree, Param, kinds)
     if len(kinds) != num_leaves:  # a custom pytree node that flattens unusually

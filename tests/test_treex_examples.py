@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import is_strong
 
 import eqstate
-from helpers import is_strong
 
 
 class Average(eqstate.Module):
