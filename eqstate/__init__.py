@@ -1,6 +1,8 @@
 """eqstate: stateful field kinds for Equinox modules."""
 
+from . import metrics as metrics, nn as nn
 from ._filters import combine as combine, filter as filter, partition as partition, spec as spec
+from ._grad import grad as grad, value_and_grad as value_and_grad
 from ._kinds import (
     BatchStat as BatchStat,
     Kind as Kind,
@@ -10,8 +12,11 @@ from ._kinds import (
     State as State,
     field as field,
 )
+from ._mode import eval as eval, train as train
 from ._module import Module as Module, mutating as mutating
+from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
+from ._rng import next_key as next_key
 
 
 __version__ = "0.1.0"

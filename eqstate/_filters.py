@@ -73,6 +73,13 @@ def _assign(leaves: list, p: Plan, filters: tuple, where: str) -> list[int]:
     return out
 
 
+def select(tree: Any, f: Filter, name: str) -> tuple[list, PyTreeDef, list[bool]]:
+    """Flatten `tree`; return its leaves, treedef and which leaves match filter `f`."""
+    leaves, p = plan(tree)
+    which = _assign(leaves, p, (f,), name)
+    return leaves, p.treedef, [i == 0 for i in which]
+
+
 def filter(tree: Any, *filters: Filter) -> Any:
     """Keep the leaves of `tree` that match any of `filters`; replace the rest by `None`.
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import equinox as eqx
 import jax
+import jax.tree_util as jtu
 import numpy as np
 from typing_extensions import dataclass_transform
 
@@ -33,15 +34,15 @@ _MSG_FROZEN = (
     "`y, self.{name_hint} = self.{name_hint}(x)`."
 )
 _MSG_SHAPE = (
-    "{cls}.{name} has shape {old} but was assigned a value of shape {new}. An array "
+    "{where} has shape {old} but was assigned a value of shape {new}. An array "
     "field keeps its shape inside `@eqstate.mutating` methods (a new shape would "
     "recompile a jitted step). If this state's shape legitimately changes, declare it "
     "with `fixed_shape=False`."
 )
 _MSG_KEY = (
-    "{cls}.{name} holds a PRNG key of dtype {old} but was assigned a value of dtype "
-    "{new}. Assign a key of the same kind, e.g. `key, self.{name} = "
-    "jax.random.split(self.{name})`."
+    "{where} holds a PRNG key of dtype {old} but was assigned a value of dtype {new}. "
+    "Assign a key of the same kind, e.g. `key, self.key = jax.random.split(self.key)` "
+    "or `key = eqstate.next_key(self)`."
 )
 
 
@@ -96,28 +97,45 @@ def _checked(obj: "Module", name: str, value: Any) -> Any:
         ) from None
     if f.metadata.get("static", False):
         return value
-    old = obj.__dict__.get(name)
-    if isinstance(old, (jax.Array, np.ndarray)) and not isinstance(value, Module):
-        if is_key(old) or is_key(value):
-            if getattr(value, "dtype", None) != old.dtype:
-                raise TypeError(
-                    _MSG_KEY.format(
-                        cls=cls.__name__,
-                        name=name,
-                        old=old.dtype,
-                        new=getattr(value, "dtype", type(value).__name__),
-                    )
-                )
-        else:
-            value = cast_like(value, old)
-        if f.metadata.get(FIXED_SHAPE_KEY, True) and value.shape != old.shape:
-            raise ValueError(
-                _MSG_SHAPE.format(cls=cls.__name__, name=name, old=old.shape, new=value.shape)
-            )
-        return value
+    old = vars(obj).get(name)
+    where = f"{cls.__name__}.{name}"
+    fixed = f.metadata.get(FIXED_SHAPE_KEY, True)
+    if _is_array(old):
+        value = _fit(value, old, where, fixed)
+    elif old is not None and jtu.tree_structure(value) == jtu.tree_structure(old):
+        value = jtu.tree_map_with_path(
+            lambda path, new, prev: (
+                _fit(new, prev, where + jtu.keystr(path), fixed) if _is_array(prev) else new
+            ),
+            value,
+            old,
+        )
     kind = field_kind(f)
     if kind is not None and issubclass(kind, State):
-        return to_strong(value)
+        value = jtu.tree_map(_no_grad, to_strong(value))
+    return value
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _no_grad(x: Any) -> Any:
+    return jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
+
+
+def _fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
+    """`value` with `old`'s dtype (a key stays a key), checked for `old`'s shape."""
+    if not isinstance(value, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+        return value
+    if is_key(old) or is_key(value):
+        if getattr(value, "dtype", None) != old.dtype:
+            new = getattr(value, "dtype", type(value).__name__)
+            raise TypeError(_MSG_KEY.format(where=where, old=old.dtype, new=new))
+    else:
+        value = cast_like(value, old)
+    if fixed_shape and value.shape != old.shape:
+        raise ValueError(_MSG_SHAPE.format(where=where, old=old.shape, new=value.shape))
     return value
 
 

@@ -1,0 +1,115 @@
+"""`Optimizer`: an optax transformation and its state, as a module."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+
+from ._filters import Filter, check_same_structure, combine
+from ._grad import split_differentiable
+from ._kinds import OptState, Param
+from ._module import Module, mutating
+
+
+_MSG_MISSING_GRAD = (
+    "Optimizer.update: grads has no gradient at {path}, a leaf this optimizer updates "
+    "(wrt={wrt}). Compute grads with `eqstate.grad(..., wrt=...)` using the "
+    "optimizer's filter, or build the optimizer with a `wrt=` that excludes this leaf."
+)
+
+
+class Optimizer(Module):
+    """An optax transformation and its state, held in an `OptState` field.
+
+    The optimizer updates the inexact-array leaves of a model that match `wrt`
+    (default `eqstate.Param`); state, RNG keys and integer leaves are never touched,
+    so weight decay never decays running statistics.
+
+    **Fields:**
+
+    - `tx`: the optax transformation (static).
+    - `wrt`: the filter selecting the updated leaves (static).
+    - `opt_state`: optax's state (`OptState`).
+    - `step`: how many times `update` has been called (`OptState`, int32).
+
+    !!! example
+
+        ```python
+        opt = eqstate.Optimizer(optax.adamw(1e-3), model)
+
+        @eqx.filter_jit
+        def train_step(model, opt, x, y):
+            (loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
+            model, opt = opt.update(grads, model)
+            return model, opt, loss
+        ```
+    """
+
+    tx: optax.GradientTransformationExtraArgs = eqx.field(static=True)
+    wrt: Any = eqx.field(static=True)
+    opt_state: Any = OptState.field()
+    step: jax.Array = OptState.field()
+
+    def __init__(self, tx: optax.GradientTransformation, model: Any, *, wrt: Filter = Param):
+        """**Arguments:**
+
+        - `tx`: any optax `GradientTransformation` (`optax.adamw(...)`, `optax.chain`,
+            `optax.multi_transform`, `optax.MultiSteps(...)`, ...).
+        - `model`: the model whose `wrt` leaves are optimised; used to initialise the
+            optimizer state (not stored).
+        - `wrt`: a filter, as in `eqstate.filter`; default `eqstate.Param`.
+        """
+        if not isinstance(tx, optax.GradientTransformation):
+            tx = getattr(tx, "gradient_transformation", lambda: tx)()  # optax.MultiSteps
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"Optimizer(tx=...) expects an optax GradientTransformation such as "
+                f"optax.adam(1e-3), got {type(tx).__name__}."
+            )
+        self.tx = optax.with_extra_args_support(tx)
+        self.wrt = wrt
+        params, _ = split_differentiable(model, wrt)
+        self.opt_state = self.tx.init(params)
+        self.step = jnp.zeros((), jnp.int32)
+
+    @mutating
+    def update(  # pyright: ignore[reportIncompatibleMethodOverride]
+        self, grads: Any, model: Any, **extra_args: Any
+    ) -> Any:
+        """Apply one optimizer step. Returns `(new_model, new_optimizer)`.
+
+        **Arguments:**
+
+        - `grads`: gradients with the structure of `model` (`None` where absent), as
+            returned by `eqstate.grad` / `eqstate.value_and_grad` or `eqx.filter_grad`.
+            Gradients of leaves outside `wrt` are ignored.
+        - `model`: the model to update.
+        - `**extra_args`: passed on to `tx.update`, for transformations that need them:
+            `value=loss` for `optax.contrib.reduce_on_plateau`; `value=`, `grad=` and
+            `value_fn=` for `optax.lbfgs` (`value_fn` takes the `wrt` leaves, as a tree
+            of the model's structure, and returns the loss).
+        """
+        params, _ = split_differentiable(model, self.wrt)
+        grads = _matching_grads(grads, params, self.wrt)
+        updates, self.opt_state = self.tx.update(grads, self.opt_state, params, **extra_args)
+        self.step += 1
+        return combine(optax.apply_updates(params, updates), model)
+
+
+def _matching_grads(grads: Any, params: Any, wrt: Filter) -> Any:
+    """`grads` at the leaves of `params` (`None` elsewhere); an error where one is missing."""
+    (g_leaves, _), (p_leaves, p_def) = check_same_structure(
+        (grads, params), "Optimizer.update", lambda i: "grads" if i == 0 else "the model"
+    )
+    for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
+        if p is not None and g is None:
+            path = jtu.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0][i][0]
+            raise ValueError(_MSG_MISSING_GRAD.format(path=jtu.keystr(path), wrt=_name(wrt)))
+    return p_def.unflatten([None if p is None else g for g, p in zip(g_leaves, p_leaves)])
+
+
+def _name(f: Any) -> str:
+    return getattr(f, "__name__", repr(f))

@@ -1,0 +1,75 @@
+"""Module-owned randomness: take a fresh subkey and advance the stored key."""
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+
+from ._kinds import Rng, field_kind
+from ._module import Module, _drafts, _fields
+
+
+_MSG_NOT_DRAFT = (
+    "eqstate.next_key(self) advances the key stored in {cls}, so it must be called on "
+    "`self` inside a `@eqstate.mutating` method of {cls}. Decorate the method with "
+    "`@eqstate.mutating`; it then returns `(result, new_module)`."
+)
+_MSG_WHICH = (
+    "eqstate.next_key could not choose a key field of {cls}: it has {found}. Pass the "
+    "field's name, e.g. `eqstate.next_key(self, {example!r})`, or declare exactly one "
+    "field with `eqstate.Rng.field()`."
+)
+
+
+def _rng_field(cls: type) -> str:
+    names = [n for n, f in _fields(cls).items() if issubclass(field_kind(f) or object, Rng)]
+    if len(names) != 1:
+        found = "no Rng field" if not names else "several: " + ", ".join(names)
+        raise ValueError(_MSG_WHICH.format(cls=cls.__name__, found=found, example="key"))
+    return names[0]
+
+
+def next_key(
+    module: Module, name: str | None = None, *, axis_name: Hashable | tuple[Hashable, ...] = None
+) -> jax.Array:
+    """Return a fresh subkey and advance the key stored in `module`'s `Rng` field.
+
+    Call it on `self` inside a `@eqstate.mutating` method; the advanced key is part of
+    the model that the method returns, so every call draws new numbers and the stream
+    is reproducible from the seed.
+
+    **Arguments:**
+
+    - `module`: the module being mutated (`self`).
+    - `name`: the field holding the key; may be omitted when the class has exactly one
+        `Rng` field.
+    - `axis_name`: a mapped axis name (or several) of `vmap`, `pmap` or `shard_map`. The
+        subkey is folded with the index along each, giving a different stream per
+        example or device while the stored key stays in step everywhere.
+
+    Typed keys (`jax.random.key`) and raw `uint32` keys (`jax.random.PRNGKey`) both work;
+    the subkey is of the same kind as the stored key.
+
+    !!! example
+
+        ```python
+        class Noisy(eqstate.Module):
+            key: jax.Array = eqstate.Rng.field()
+
+            @eqstate.mutating
+            def __call__(self, x):
+                return x + jax.random.normal(eqstate.next_key(self), x.shape)
+        ```
+    """
+    cls = type(module)
+    if module not in _drafts:
+        raise RuntimeError(_MSG_NOT_DRAFT.format(cls=cls.__name__))
+    if name is None:
+        name = _rng_field(cls)
+    key: Any = getattr(module, name)
+    new_key, subkey = jax.random.split(key)
+    setattr(module, name, new_key)
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    for n in names if axis_name is not None else ():
+        subkey = jax.random.fold_in(subkey, jax.lax.axis_index(n))
+    return subkey

@@ -1,0 +1,3 @@
+"""Metrics as state modules: `Mean`, `Accuracy`, and a `Collection` of several."""
+
+from ._metrics import Accuracy as Accuracy, Collection as Collection, Mean as Mean, Metric as Metric
