@@ -180,7 +180,12 @@ def _describe(x: Any, treedef: PyTreeDef) -> str:
     return str(treedef)
 
 
-def check_same_structure(trees: tuple, where: str, names: Callable[[int], str]) -> list:
+_HINT_SAME_MODEL = "Pass trees made by eqstate.partition / eqstate.filter from the same model."
+
+
+def check_same_structure(
+    trees: tuple, where: str, names: Callable[[int], str], hint: str = _HINT_SAME_MODEL
+) -> list:
     """Flatten `trees` with `None` as a leaf; raise naming the first mismatch if needed."""
     flat = [jtu.tree_flatten(t, is_leaf=_is_none) for t in trees]
     treedef = flat[0][1]
@@ -189,8 +194,7 @@ def check_same_structure(trees: tuple, where: str, names: Callable[[int], str]) 
             detail = first_mismatch(trees[0], trees[i]) or f"{treedef} != {d}"
             raise ValueError(
                 f"{where}: {names(i)} does not have the structure of {names(0)}; they "
-                f"first differ {detail}. Pass trees made by eqstate.partition / "
-                "eqstate.filter from the same model."
+                f"first differ {detail}. {hint}"
             )
     return flat
 

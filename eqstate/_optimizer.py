@@ -101,8 +101,11 @@ class Optimizer(Module):
 
 def _matching_grads(grads: Any, params: Any, wrt: Filter) -> Any:
     """`grads` at the leaves of `params` (`None` elsewhere); an error where one is missing."""
-    (g_leaves, _), (p_leaves, p_def) = check_same_structure(
-        (grads, params), "Optimizer.update", lambda i: "grads" if i == 0 else "the model"
+    (p_leaves, p_def), (g_leaves, _) = check_same_structure(
+        (params, grads),
+        "Optimizer.update",
+        lambda i: "grads" if i else "the model",
+        "Pass the gradients of this model, from eqstate.grad / eqstate.value_and_grad.",
     )
     for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
         if p is not None and g is None:

@@ -88,7 +88,9 @@ class BatchNorm(Module):
         **Arguments:**
 
         - `x`: an array with a leading batch axis and `num_features` on `self.axis`.
-        - `inference`: overrides `self.inference` when not `None`.
+        - `inference`: overrides `self.inference` when not `None`. It may be a traced
+            boolean (plain `jax.jit`, `lax.scan` carries); both branches are then
+            computed and selected.
         """
         axis = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
         n = self.running_mean.shape[0]
@@ -102,7 +104,8 @@ class BatchNorm(Module):
         shape[axis] = n
         stat_dtype = self.running_mean.dtype
         xs = x.astype(jnp.promote_types(x.dtype, stat_dtype))
-        if self.inference if inference is None else inference:
+        flag = self.inference if inference is None else inference
+        if isinstance(flag, bool) and flag:
             mean, var = self.running_mean, self.running_var
         else:
             reduce = tuple(i for i in range(x.ndim) if i != axis)
@@ -113,8 +116,14 @@ class BatchNorm(Module):
                 mean_sq = jax.lax.pmean(mean_sq, self.axis_name)
             var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
             m = self.momentum
-            self.running_mean = m * self.running_mean + (1 - m) * mean
-            self.running_var = m * self.running_var + (1 - m) * var
+            new_mean = m * self.running_mean + (1 - m) * mean
+            new_var = m * self.running_var + (1 - m) * var
+            if not isinstance(flag, bool):  # a traced flag: select both branches
+                mean = jnp.where(flag, self.running_mean, mean)
+                var = jnp.where(flag, self.running_var, var)
+                new_mean = jnp.where(flag, self.running_mean, new_mean)
+                new_var = jnp.where(flag, self.running_var, new_var)
+            self.running_mean, self.running_var = new_mean, new_var
         y = (xs - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.eps)
         if self.weight is not None and self.bias is not None:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)

@@ -35,11 +35,22 @@ class Dropout(Module):
 
     @mutating
     def __call__(self, x: Array, *, inference: bool | None = None) -> Array:
-        """Apply dropout to `x`; returns `(y, new_dropout)`."""
-        if (self.inference if inference is None else inference) or self.p == 0.0:
+        """Apply dropout to `x`; returns `(y, new_dropout)`.
+
+        `inference` (or `self.inference`) may be a traced boolean, as under plain
+        `jax.jit` or in a `lax.scan` carry; both branches are then computed and selected.
+        """
+        flag = self.inference if inference is None else inference
+        if self.p == 0.0 or (isinstance(flag, bool) and flag):
             return x
+        old_key = self.key
         if self.p == 1.0:
             next_key(self)
-            return jnp.zeros_like(x)
-        keep = jax.random.bernoulli(next_key(self), 1.0 - self.p, x.shape)
-        return jnp.where(keep, x / jnp.asarray(1.0 - self.p, x.dtype), jnp.zeros_like(x))
+            y = jnp.zeros_like(x)
+        else:
+            keep = jax.random.bernoulli(next_key(self), 1.0 - self.p, x.shape)
+            y = jnp.where(keep, x / jnp.asarray(1.0 - self.p, x.dtype), jnp.zeros_like(x))
+        if isinstance(flag, bool):
+            return y
+        self.key = jnp.where(flag, old_key, self.key)
+        return jnp.where(flag, x, y)
