@@ -102,7 +102,7 @@ def test_dropout_keys_differ_per_step_and_reproduce_from_seed():
     np.testing.assert_array_equal(y_eval, x)
     np.testing.assert_array_equal(jax.random.key_data(d_eval.key), jax.random.key_data(d.key))
     raw = Dropout(0.5, key=jax.random.PRNGKey(0))
-    y_raw, raw1 = raw(x)
+    _y_raw, raw1 = raw(x)
     assert raw1.key.dtype == jnp.uint32 and not np.array_equal(raw1.key, raw.key)
     with pytest.raises(ValueError, match=r"Dropout\(p=\.\.\.\) must be in \[0, 1\]"):
         Dropout(1.5, key=jax.random.key(0))

@@ -128,7 +128,7 @@ def test_extra_args_reduce_on_plateau_and_lbfgs():
     tx = optax.chain(optax.sgd(1e-2), optax.contrib.reduce_on_plateau(patience=1))
     opt = eqstate.Optimizer(tx, model)
     (loss, _), grads = vg(model, X, Y)
-    new, opt = opt.update(grads, model, value=loss)
+    _new, opt = opt.update(grads, model, value=loss)
     assert int(opt.step) == 1
 
     params_model = eqstate.eval(model)  # fixed running statistics: a deterministic loss
