@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from typing_extensions import dataclass_transform
@@ -134,8 +135,8 @@ def _fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
             raise TypeError(_MSG_KEY.format(where=where, old=old.dtype, new=new))
     else:
         value = cast_like(value, old)
-    if fixed_shape and value.shape != old.shape:
-        raise ValueError(_MSG_SHAPE.format(where=where, old=old.shape, new=value.shape))
+    if fixed_shape and jnp.shape(value) != old.shape:
+        raise ValueError(_MSG_SHAPE.format(where=where, old=old.shape, new=jnp.shape(value)))
     return value
 
 

@@ -72,7 +72,7 @@ class Optimizer(Module):
         self.tx = optax.with_extra_args_support(tx)
         self.wrt = wrt
         params, _ = split_differentiable(model, wrt)
-        self.opt_state = self.tx.init(params)
+        self.opt_state = _unaliased(self.tx.init(params), params)
         self.step = jnp.zeros((), jnp.int32)
 
     @mutating
@@ -112,6 +112,13 @@ def _matching_grads(grads: Any, params: Any, wrt: Filter) -> Any:
             path = jtu.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0][i][0]
             raise ValueError(_MSG_MISSING_GRAD.format(path=jtu.keystr(path), wrt=_name(wrt)))
     return p_def.unflatten([None if p is None else g for g, p in zip(g_leaves, p_leaves)])
+
+
+def _unaliased(state: Any, params: Any) -> Any:
+    """`state` with copies of any leaf that is one of `params`' arrays (e.g. lookahead's
+    slow weights), so that donating the optimizer never donates the model's buffers."""
+    ids = {id(x) for x in jtu.tree_leaves(params)}
+    return jtu.tree_map(lambda x: jnp.copy(x) if id(x) in ids else x, state)
 
 
 def _name(f: Any) -> str:

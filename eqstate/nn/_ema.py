@@ -45,7 +45,9 @@ class EMA(Module):
     ):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA(decay=...) must be in [0, 1], got {decay}.")
-        self.params, _ = split_differentiable(model, wrt)
+        params, _ = split_differentiable(model, wrt)
+        # own buffers: never aliases of the model's, so either can be donated
+        self.params = jtu.tree_map(jnp.copy, params)
         self.step = jnp.zeros((), jnp.int32)
         self.decay = decay
         self.warmup = warmup
