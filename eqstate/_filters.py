@@ -153,30 +153,38 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
-def first_mismatch(a: Any, b: Any, path: tuple = ()) -> str | None:
+def first_mismatch(
+    a: Any,
+    b: Any,
+    path: tuple = (),
+    where: Callable[[tuple], str] = jtu.keystr,
+    leaf: Callable[[Any], str] = lambda x: f"a leaf ({type(x).__name__})",
+) -> str | None:
     """The key path where `a` and `b` first differ in structure, with what differs.
 
-    `None` counts as a leaf. Returns `None` when the structures are equal.
+    `None` counts as a leaf. Returns `None` when the structures are equal. `where`
+    formats a key path and `leaf` describes a leaf, for the message.
     """
     ka, da = jtu.tree_flatten_with_path(a, is_leaf=lambda x: x is not a)
     kb, db = jtu.tree_flatten_with_path(b, is_leaf=lambda x: x is not b)
     if da != db:
-        where = jtu.keystr(path) or "the root"
-        return f"at {where}: {_describe(a, da)} != {_describe(b, db)}"
+        return (
+            f"at {where(path) or 'the root'}: {_describe(a, da, leaf)} != {_describe(b, db, leaf)}"
+        )
     if da.num_nodes == 1 and da.num_leaves <= 1 and (not ka or ka[0][1] is a):
         return None  # both leaves (or both empty)
     for (k, ca), (_, cb) in zip(ka, kb):
-        found = first_mismatch(ca, cb, path + k)
+        found = first_mismatch(ca, cb, path + k, where, leaf)
         if found is not None:
             return found
     return None
 
 
-def _describe(x: Any, treedef: PyTreeDef) -> str:
+def _describe(x: Any, treedef: PyTreeDef, leaf: Callable[[Any], str]) -> str:
     if x is None:
         return "None"
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:
-        return f"a leaf ({type(x).__name__})"
+        return leaf(x)
     return str(treedef)
 
 

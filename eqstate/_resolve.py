@@ -41,10 +41,11 @@ _MAX_PLANS = 4096
 
 def _kinds_of(node: Any, kind: type[Kind], out: list[type[Kind]]) -> None:
     if isinstance(node, eqx.Module):
+        values = vars(node)  # as Equinox flattens: a class-level default is no leaf
         for f in dataclasses.fields(node):
-            if f.metadata.get("static", False):
+            if f.metadata.get("static", False) or f.name not in values:
                 continue
-            _kinds_of(getattr(node, f.name), field_kind(f) or kind, out)
+            _kinds_of(values[f.name], field_kind(f) or kind, out)
         return
     children, treedef = jtu.tree_flatten(node, is_leaf=lambda x: x is not node)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1 and children[0] is node:

@@ -1,0 +1,417 @@
+"""`eqstate.jit`: `eqx.filter_jit` semantics at the cost of `jax.jit` over flat leaves.
+
+Per call: one C++ `tree_flatten`, one pass that swaps array leaves for a marker (the
+static part, hashed as the cache key), one dict lookup, the compiled call, and an
+unflatten of the outputs. The partition plan (which leaves are traced, the static part,
+the output structure) is built once per input structure, when JAX traces.
+"""
+
+import functools as ft
+import operator
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal, overload
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+from jax.core import Tracer
+
+
+_Donate = Literal["all", "all-except-first", "none"]
+
+
+class _Dyn:
+    """Marks where a traced leaf goes in a static template."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<traced>"
+
+
+_DYN = _Dyn()
+
+
+class _IsArray(dict):
+    """`type -> bool`: whether leaves of that type are traced (as `eqx.is_array`)."""
+
+    def __missing__(self, t: type) -> bool:
+        value = issubclass(t, (np.ndarray, np.generic, Tracer, jax.Array))
+        self[t] = value
+        return value
+
+
+_is_array = _IsArray()
+
+_MSG_UNHASHABLE = (
+    "eqstate.jit: {path} is a non-array leaf of type {type} that is not hashable. "
+    "Non-array leaves are static: they are part of the compilation cache key, as under "
+    "eqx.filter_jit. Make it an array, make it hashable, or declare its field with "
+    "`eqx.field(static=True)`."
+)
+_MSG_MAX_TRACES = (
+    "eqstate.jit({name}) traced {n} times, more than max_traces={limit}. {reason} "
+    "Each trace compiles again; keep shapes, dtypes and non-array values fixed between "
+    "calls (a Python int or bool leaf that changes every step is a common cause)."
+)
+
+
+def _skeleton(tree: Any) -> Any:
+    """`tree` with arrays replaced by their shape/dtype (for explaining retraces)."""
+
+    def describe(x: Any) -> Any:
+        if _is_array[type(x)]:
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=_weak(x))
+        return x
+
+    return jtu.tree_map(describe, tree)
+
+
+def _weak(x: Any) -> bool:
+    return bool(getattr(x, "weak_type", False))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        weak = ", weak" if x.weak_type else ""
+        return f"{x.dtype}{list(x.shape)}{weak}"
+    return repr(x)
+
+
+def _leaf(x: Any) -> str:
+    return f"an array {_fmt(x)}" if isinstance(x, jax.ShapeDtypeStruct) else repr(x)
+
+
+def _explain(old: Any, new: Any) -> str:
+    """Name the first argument path where two skeletons differ."""
+    from ._filters import first_mismatch
+
+    where = first_mismatch(old, new, where=_argpath, leaf=_leaf)
+    if where is not None:
+        return f"The structure of the arguments changed {where}."
+    a, _ = jtu.tree_flatten_with_path(old)
+    b = jtu.tree_leaves(new)
+    for (path, x), y in zip(a, b):
+        if not (x is y or (type(x) is type(y) and x == y)):
+            what = "shape/dtype" if isinstance(y, jax.ShapeDtypeStruct) else "static value"
+            name = _argpath(path)
+            return f"The {what} of {name} changed from {_fmt(x)} to {_fmt(y)}."
+    return "Nothing in the arguments changed (JAX retraced for another reason)."
+
+
+def _argpath(path: tuple) -> str:
+    """`((args, kwargs), ...)` key path -> `args[0].bn.mean` / `kwargs['x']`."""
+    if not path:
+        return "the arguments"
+    head, *rest = path
+    name = "args" if getattr(head, "idx", None) == 0 else "kwargs"
+    rest_path = rest[1:] if name == "kwargs" else rest
+    prefix = f"kwargs[{rest[0].key!r}]" if name == "kwargs" and rest else name
+    return prefix + jtu.keystr(tuple(rest_path))
+
+
+class _Entry:
+    """One input structure + static part: its jitted function and output plan."""
+
+    __slots__ = ("call", "out_def", "out_parts", "out_pos", "out_template", "take")
+
+    def __init__(self, dyn_pos: list[int]):
+        self.take = _taker(dyn_pos)
+        self.call: Callable[..., Any] = _unset
+        self.out_def: Any = None
+        self.out_template: list[Any] | None = None
+        self.out_pos: list[int] = []
+        self.out_parts: list[tuple[int, int, Any]] | None = None
+
+
+def _unset(*args: Any) -> Any:
+    raise AssertionError("jitted function used before it was built")
+
+
+def _taker(positions: list[int]) -> Callable[[list], tuple]:
+    if not positions:
+        return lambda leaves: ()
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda leaves: (leaves[i],)
+    return operator.itemgetter(*positions)
+
+
+class _Memo:
+    """Leaves of the objects a `Jit` returned, by identity, while those objects live.
+
+    Modules are immutable, so an object returned by the last step and passed to the
+    next needs no second flatten (Equinox modules flatten in Python, leaf by leaf).
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[weakref.ref, list, Any]] = {}
+
+    def get(self, obj: Any) -> tuple[list, Any] | None:
+        hit = self._d.get(id(obj))
+        if hit is not None and hit[0]() is obj:
+            return hit[1], hit[2]
+        return None
+
+    def put(self, obj: Any, leaves: list, treedef: Any) -> None:
+        key = id(obj)
+        d = self._d
+
+        def forget(ref: weakref.ref, key: int = key) -> None:
+            hit = d.get(key)
+            if hit is not None and hit[0] is ref:
+                del d[key]
+
+        try:
+            ref = weakref.ref(obj, forget)
+        except TypeError:  # tuples, lists, ... cannot be weakly referenced
+            return
+        if len(d) > 1024:
+            d.clear()
+        d[key] = (ref, leaves, treedef)
+
+
+def _flatten(x: Any, memo: _Memo) -> tuple[list, Any]:
+    hit = memo.get(x)
+    return hit if hit is not None else jtu.tree_flatten(x)
+
+
+class Jit:
+    """A function compiled with `eqstate.jit`. Call it like the function it wraps.
+
+    **Attributes:**
+
+    - `traces`: how many times JAX has traced (and so compiled) the function.
+    - `retrace_reasons`: for each trace after the first, what changed in the arguments.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        donate: _Donate,
+        max_traces: int | None,
+    ):
+        if donate not in ("all", "all-except-first", "none"):
+            raise ValueError(
+                f"eqstate.jit(donate=...) must be 'all', 'all-except-first' or 'none', "
+                f"got {donate!r}."
+            )
+        if max_traces is not None and max_traces < 1:
+            raise ValueError(f"eqstate.jit(max_traces=...) must be >= 1, got {max_traces}.")
+        self.fn = fn
+        self.donate = donate
+        self.max_traces = max_traces
+        self.traces = 0
+        self.retrace_reasons: list[str] = []
+        self._last: Any = None
+        self._cache: dict[Any, _Entry] = {}
+        self._memo = _Memo()
+        self._fn_is_tree = isinstance(fn, eqx.Module)
+        ft.update_wrapper(self, fn)  # pyright: ignore[reportArgumentType]
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        return ft.partial(self, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        memo = self._memo
+        if self._fn_is_tree:
+            args = (self.fn, *args)
+        leaves: list = []
+        defs = []
+        for a in args:
+            a_leaves, a_def = _flatten(a, memo)
+            leaves += a_leaves
+            defs.append(a_def)
+        if kwargs:
+            k_leaves, k_def = jtu.tree_flatten(kwargs)
+            leaves += k_leaves
+        else:
+            k_def = None
+        is_array = _is_array
+        static = tuple([_DYN if is_array[type(x)] else x for x in leaves])
+        key = (tuple(defs), k_def, static)
+        try:
+            entry = self._cache[key]
+        except KeyError:
+            entry = self._build(key)
+        except TypeError:
+            self._raise_unhashable((args, kwargs))
+            raise
+        if self.donate == "none":
+            out = entry.call(*entry.take(leaves))
+        else:  # as Equinox: inputs with no output to reuse them are donated in vain
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                out = entry.call(*entry.take(leaves))
+        template = entry.out_template
+        if template is None:
+            full = out
+        else:
+            full = list(template)
+            for i, x in zip(entry.out_pos, out):
+                full[i] = x
+        result = entry.out_def.unflatten(full)
+        parts = entry.out_parts
+        if parts is None:
+            memo.put(result, full, entry.out_def)
+        else:
+            for obj, (lo, hi, d) in zip(result, parts):
+                memo.put(obj, full[lo:hi], d)
+        return result
+
+    def _build(self, key: Any) -> _Entry:
+        defs, k_def, static = key
+        dyn_pos = [i for i, s in enumerate(static) if s is _DYN]
+        entry = _Entry(dyn_pos)
+        donate = self._donated(defs, dyn_pos)
+        fn, fn_is_tree, owner = self.fn, self._fn_is_tree, self
+        sizes = [d.num_leaves for d in defs]
+
+        def traced(*dyn: Any) -> list[Any]:
+            owner._count_trace(key, dyn_pos, dyn)
+            full = list(static)
+            for i, x in zip(dyn_pos, dyn):
+                full[i] = x
+            args, kwargs = _rebuild(full, defs, sizes, k_def)
+            out = fn(*args, **kwargs) if not fn_is_tree else args[0](*args[1:], **kwargs)
+            out_leaves, out_def = jtu.tree_flatten(out)
+            flags = [_is_array[type(x)] for x in out_leaves]
+            entry.out_def = out_def
+            entry.out_parts = _parts(out, out_def)
+            if all(flags):
+                entry.out_template, entry.out_pos = None, []
+                return out_leaves
+            entry.out_template = [None if f else x for x, f in zip(out_leaves, flags)]
+            entry.out_pos = [i for i, f in enumerate(flags) if f]
+            return [x for x, f in zip(out_leaves, flags) if f]
+
+        entry.call = jax.jit(traced, donate_argnums=donate)
+        self._cache[key] = entry
+        return entry
+
+    def _donated(self, defs: tuple, dyn_pos: list[int]) -> tuple[int, ...]:
+        if self.donate == "none":
+            return ()
+        if self.donate == "all":
+            return tuple(range(len(dyn_pos)))
+        first = sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
+        return tuple(j for j, i in enumerate(dyn_pos) if i >= first)
+
+    def _count_trace(self, key: Any, dyn_pos: list[int], dyn: tuple) -> None:
+        defs, k_def, static = key
+        full = list(static)
+        for i, x in zip(dyn_pos, dyn):
+            full[i] = jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
+        skeleton = _rebuild(full, defs, [d.num_leaves for d in defs], k_def)
+        self.traces += 1
+        if self._last is not None:
+            self.retrace_reasons.append(_explain(self._last, skeleton))
+        self._last = skeleton
+        if self.max_traces is not None and self.traces > self.max_traces:
+            reason = self.retrace_reasons[-1] if self.retrace_reasons else ""
+            self.traces -= 1
+            raise RuntimeError(
+                _MSG_MAX_TRACES.format(
+                    name=getattr(self.fn, "__qualname__", repr(self.fn)),
+                    n=self.traces + 1,
+                    limit=self.max_traces,
+                    reason=reason,
+                )
+            )
+
+    def _raise_unhashable(self, tree: Any) -> None:
+        for path, x in jtu.tree_flatten_with_path(tree)[0]:
+            if _is_array[type(x)]:
+                continue
+            try:
+                hash(x)
+            except TypeError:
+                raise TypeError(
+                    _MSG_UNHASHABLE.format(path=_argpath(path), type=type(x).__name__)
+                ) from None
+
+
+def _rebuild(full: list, defs: tuple, sizes: list[int], k_def: Any) -> tuple[tuple, dict]:
+    args = []
+    start = 0
+    for d, n in zip(defs, sizes):
+        args.append(d.unflatten(full[start : start + n]))
+        start += n
+    kwargs = {} if k_def is None else k_def.unflatten(full[start:])
+    return tuple(args), kwargs
+
+
+def _parts(out: Any, out_def: Any) -> list[tuple[int, int, Any]] | None:
+    """For a tuple output, where each element's leaves lie in the flat output."""
+    if type(out) is not tuple:
+        return None
+    parts, start = [], 0
+    for child in out_def.children():
+        parts.append((start, start + child.num_leaves, child))
+        start += child.num_leaves
+    return parts
+
+
+@overload
+def jit(
+    fn: Callable[..., Any], *, donate: _Donate = "none", max_traces: int | None = None
+) -> Jit: ...
+
+
+@overload
+def jit(
+    fn: None = None, *, donate: _Donate = "none", max_traces: int | None = None
+) -> Callable[[Callable[..., Any]], Jit]: ...
+
+
+def jit(
+    fn: Callable[..., Any] | None = None,
+    *,
+    donate: _Donate = "none",
+    max_traces: int | None = None,
+) -> Jit | Callable[[Callable[..., Any]], Jit]:
+    """Compile `fn` with `eqx.filter_jit`'s semantics and `jax.jit`'s per-call cost.
+
+    Array leaves of the arguments (JAX and NumPy arrays) are traced; every other leaf is
+    static and part of the cache key, as under `eqx.filter_jit`. The call returns
+    without waiting for the computation (JAX's asynchronous dispatch): a training loop
+    overlaps host and device work, and `jax.block_until_ready` waits when needed.
+
+    **Arguments:**
+
+    - `fn`: the function (or method, or callable module) to compile.
+    - `donate`: `"none"` (default), `"all"`, or `"all-except-first"` (everything but the
+        first argument, e.g. the optimizer and metrics but not the model), as in
+        Equinox. Donated buffers are reused for the outputs on backends that support it;
+        do not use a donated argument after the call.
+    - `max_traces`: raise `RuntimeError` when `fn` would be traced more than this many
+        times, naming the argument whose structure, shape, dtype or static value
+        changed.
+
+    **Returns:**
+
+    A `Jit` callable; `traces` counts compilations and `retrace_reasons` says why each
+    retrace happened.
+
+    !!! example
+
+        ```python
+        @eqstate.jit(donate="all-except-first", max_traces=1)
+        def train_step(model, opt, x, y):
+            (loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
+            model, opt = opt.update(grads, model)
+            return model, opt, loss
+        ```
+    """
+    if fn is None:
+        return ft.partial(jit, donate=donate, max_traces=max_traces)  # pyright: ignore[reportReturnType]
+    if not callable(fn):
+        raise TypeError(f"eqstate.jit expects a callable, got {type(fn).__name__}.")
+    return Jit(fn, donate, max_traces)
