@@ -113,72 +113,104 @@ def _argpath(path: tuple) -> str:
     return prefix + jtu.keystr(tuple(rest_path))
 
 
-class _Entry:
-    """One input structure + static part: its jitted function and output plan."""
+class _Parts:
+    """Interns `(treedef, static template)` pairs of one argument as small integers.
 
-    __slots__ = ("call", "out_def", "out_parts", "out_pos", "out_template", "take")
+    The cache key of a call is the tuple of its arguments' tokens: cheap to hash and
+    compare however large the model.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[Any, tuple], int] = {}
+        self.info: list[tuple[Any, tuple]] = []
+
+    def token(self, treedef: Any, static: tuple) -> int:
+        key = (treedef, static)
+        tok = self._ids.get(key)  # TypeError for an unhashable static leaf
+        if tok is None:
+            tok = self._ids[key] = len(self.info)
+            self.info.append(key)
+        return tok
+
+
+_PARTS = _Parts()
+_ARRAY_TOKEN = _PARTS.token(jtu.tree_structure(0), (_DYN,))
+_KWARGS = -1  # separates positional tokens from the keyword-arguments token
+
+
+class _Memo:
+    """Leaves and token of the objects a `Jit` returned, by identity, while they live.
+
+    Modules are immutable, so an object returned by the last step and passed to the
+    next needs no second flatten (Equinox modules flatten in Python, node by node).
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[weakref.ref, Any, int]] = {}
+
+    def get(self, obj: Any) -> tuple[Any, int] | None:
+        hit = self._d.get(id(obj))
+        if hit is not None and hit[0]() is obj:
+            return hit[1], hit[2]
+        return None
+
+    def put(self, obj: Any, leaves: Any, tok: int) -> None:
+        try:
+            ref = weakref.ref(obj, ft.partial(_forget, self._d, id(obj)))
+        except TypeError:  # tuples, lists, ... cannot be weakly referenced
+            return
+        if len(self._d) > 1024:
+            self._d.clear()
+        self._d[id(obj)] = (ref, leaves, tok)
+
+
+def _forget(d: dict, key: int, ref: weakref.ref) -> None:
+    hit = d.get(key)
+    if hit is not None and hit[0] is ref:
+        del d[key]
+
+
+def _part(x: Any, memo: _Memo) -> tuple[Any, int]:
+    """The leaves of one argument and the token of its structure and static part."""
+    if _is_array[type(x)]:
+        return (x,), _ARRAY_TOKEN
+    hit = memo.get(x)
+    if hit is not None:
+        return hit
+    leaves, treedef = jtu.tree_flatten(x)
+    is_array = _is_array
+    static = tuple([_DYN if is_array[type(leaf)] else leaf for leaf in leaves])
+    return leaves, _PARTS.token(treedef, static)
+
+
+class _Entry:
+    """One cache key: its jitted function and how to rebuild its outputs."""
+
+    __slots__ = ("call", "merge", "out_def", "out_parts", "out_token", "take")
 
     def __init__(self, dyn_pos: list[int]):
-        self.take = _taker(dyn_pos)
+        self.take = _getter(dyn_pos)
         self.call: Callable[..., Any] = _unset
+        self.merge: Callable[[Any], Any] | None = None
         self.out_def: Any = None
-        self.out_template: list[Any] | None = None
-        self.out_pos: list[int] = []
-        self.out_parts: list[tuple[int, int, Any]] | None = None
+        self.out_parts: list[tuple[int, int, int]] | None = None
+        self.out_token = _ARRAY_TOKEN
 
 
 def _unset(*args: Any) -> Any:
     raise AssertionError("jitted function used before it was built")
 
 
-def _taker(positions: list[int]) -> Callable[[list], tuple]:
+def _getter(positions: list[int]) -> Callable[[Any], tuple]:
+    """`f(seq) -> tuple(seq[i] for i in positions)`, at C speed."""
     if not positions:
-        return lambda leaves: ()
+        return lambda seq: ()
     if len(positions) == 1:
         (i,) = positions
-        return lambda leaves: (leaves[i],)
+        return lambda seq: (seq[i],)
     return operator.itemgetter(*positions)
-
-
-class _Memo:
-    """Leaves of the objects a `Jit` returned, by identity, while those objects live.
-
-    Modules are immutable, so an object returned by the last step and passed to the
-    next needs no second flatten (Equinox modules flatten in Python, leaf by leaf).
-    """
-
-    __slots__ = ("_d",)
-
-    def __init__(self) -> None:
-        self._d: dict[int, tuple[weakref.ref, list, Any]] = {}
-
-    def get(self, obj: Any) -> tuple[list, Any] | None:
-        hit = self._d.get(id(obj))
-        if hit is not None and hit[0]() is obj:
-            return hit[1], hit[2]
-        return None
-
-    def put(self, obj: Any, leaves: list, treedef: Any) -> None:
-        key = id(obj)
-        d = self._d
-
-        def forget(ref: weakref.ref, key: int = key) -> None:
-            hit = d.get(key)
-            if hit is not None and hit[0] is ref:
-                del d[key]
-
-        try:
-            ref = weakref.ref(obj, forget)
-        except TypeError:  # tuples, lists, ... cannot be weakly referenced
-            return
-        if len(d) > 1024:
-            d.clear()
-        d[key] = (ref, leaves, treedef)
-
-
-def _flatten(x: Any, memo: _Memo) -> tuple[list, Any]:
-    hit = memo.get(x)
-    return hit if hit is not None else jtu.tree_flatten(x)
 
 
 class Jit:
@@ -209,7 +241,7 @@ class Jit:
         self.traces = 0
         self.retrace_reasons: list[str] = []
         self._last: Any = None
-        self._cache: dict[Any, _Entry] = {}
+        self._cache: dict[tuple[int, ...], _Entry] = {}
         self._memo = _Memo()
         self._fn_is_tree = isinstance(fn, eqx.Module)
         ft.update_wrapper(self, fn)  # pyright: ignore[reportArgumentType]
@@ -224,50 +256,45 @@ class Jit:
         if self._fn_is_tree:
             args = (self.fn, *args)
         leaves: list = []
-        defs = []
-        for a in args:
-            a_leaves, a_def = _flatten(a, memo)
-            leaves += a_leaves
-            defs.append(a_def)
-        if kwargs:
-            k_leaves, k_def = jtu.tree_flatten(kwargs)
-            leaves += k_leaves
-        else:
-            k_def = None
-        is_array = _is_array
-        static = tuple([_DYN if is_array[type(x)] else x for x in leaves])
-        key = (tuple(defs), k_def, static)
+        toks = []
+        try:
+            for a in args:
+                a_leaves, tok = _part(a, memo)
+                leaves += a_leaves
+                toks.append(tok)
+            if kwargs:
+                k_leaves, tok = _part(kwargs, memo)
+                leaves += k_leaves
+                toks += (_KWARGS, tok)
+        except TypeError:
+            self._raise_unhashable((args, kwargs))
+            raise
+        key = tuple(toks)
         try:
             entry = self._cache[key]
         except KeyError:
             entry = self._build(key)
-        except TypeError:
-            self._raise_unhashable((args, kwargs))
-            raise
         if self.donate == "none":
             out = entry.call(*entry.take(leaves))
         else:  # as Equinox: inputs with no output to reuse them are donated in vain
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                 out = entry.call(*entry.take(leaves))
-        template = entry.out_template
-        if template is None:
-            full = out
-        else:
-            full = list(template)
-            for i, x in zip(entry.out_pos, out):
-                full[i] = x
+        merge = entry.merge
+        full = out if merge is None else merge(out)
         result = entry.out_def.unflatten(full)
         parts = entry.out_parts
         if parts is None:
-            memo.put(result, full, entry.out_def)
+            if entry.out_token != _ARRAY_TOKEN:
+                memo.put(result, full, entry.out_token)
         else:
-            for obj, (lo, hi, d) in zip(result, parts):
-                memo.put(obj, full[lo:hi], d)
+            for obj, (lo, hi, tok) in zip(result, parts):
+                if tok != _ARRAY_TOKEN:
+                    memo.put(obj, full[lo:hi], tok)
         return result
 
-    def _build(self, key: Any) -> _Entry:
-        defs, k_def, static = key
+    def _build(self, key: tuple[int, ...]) -> _Entry:
+        defs, k_def, static = _unpack(key)
         dyn_pos = [i for i, s in enumerate(static) if s is _DYN]
         entry = _Entry(dyn_pos)
         donate = self._donated(defs, dyn_pos)
@@ -283,20 +310,18 @@ class Jit:
             out = fn(*args, **kwargs) if not fn_is_tree else args[0](*args[1:], **kwargs)
             out_leaves, out_def = jtu.tree_flatten(out)
             flags = [_is_array[type(x)] for x in out_leaves]
+            out_static = tuple(_DYN if f else x for x, f in zip(out_leaves, flags))
             entry.out_def = out_def
-            entry.out_parts = _parts(out, out_def)
-            if all(flags):
-                entry.out_template, entry.out_pos = None, []
-                return out_leaves
-            entry.out_template = [None if f else x for x, f in zip(out_leaves, flags)]
-            entry.out_pos = [i for i, f in enumerate(flags) if f]
+            entry.out_parts = _out_parts(out, out_def, out_static)
+            entry.merge = _merger(out_static)
+            entry.out_token = _token_or_array(out_def, out_static)
             return [x for x, f in zip(out_leaves, flags) if f]
 
         entry.call = jax.jit(traced, donate_argnums=donate)
         self._cache[key] = entry
         return entry
 
-    def _donated(self, defs: tuple, dyn_pos: list[int]) -> tuple[int, ...]:
+    def _donated(self, defs: list, dyn_pos: list[int]) -> tuple[int, ...]:
         if self.donate == "none":
             return ()
         if self.donate == "all":
@@ -304,8 +329,8 @@ class Jit:
         first = sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
         return tuple(j for j, i in enumerate(dyn_pos) if i >= first)
 
-    def _count_trace(self, key: Any, dyn_pos: list[int], dyn: tuple) -> None:
-        defs, k_def, static = key
+    def _count_trace(self, key: tuple[int, ...], dyn_pos: list[int], dyn: tuple) -> None:
+        defs, k_def, static = _unpack(key)
         full = list(static)
         for i, x in zip(dyn_pos, dyn):
             full[i] = jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
@@ -338,7 +363,39 @@ class Jit:
                 ) from None
 
 
-def _rebuild(full: list, defs: tuple, sizes: list[int], k_def: Any) -> tuple[tuple, dict]:
+def _unpack(key: tuple[int, ...]) -> tuple[list, Any, tuple]:
+    """The treedefs of the positional arguments, of the kwargs, and the whole static part."""
+    defs, static, k_def = [], (), None
+    toks = list(key)
+    if _KWARGS in toks:
+        k_def, k_static = _PARTS.info[toks[-1]]
+        toks = toks[:-2]
+    else:
+        k_static = ()
+    for tok in toks:
+        d, s = _PARTS.info[tok]
+        defs.append(d)
+        static += s
+    return defs, k_def, static + k_static
+
+
+def _merger(out_static: tuple) -> Callable[[Any], Any] | None:
+    """`f(dyn_outputs) -> all output leaves`, at C speed; `None` if all are traced."""
+    dyn = [i for i, s in enumerate(out_static) if s is _DYN]
+    if len(dyn) == len(out_static):
+        return None
+    statics = [s for s in out_static if s is not _DYN]
+    n = len(dyn)
+    src_index = [0] * len(out_static)
+    for j, i in enumerate(dyn):
+        src_index[i] = j
+    for j, i in enumerate(i for i, s in enumerate(out_static) if s is not _DYN):
+        src_index[i] = n + j
+    get = _getter(src_index)
+    return lambda out: get([*out, *statics])
+
+
+def _rebuild(full: list, defs: list, sizes: list[int], k_def: Any) -> tuple[tuple, dict]:
     args = []
     start = 0
     for d, n in zip(defs, sizes):
@@ -348,14 +405,23 @@ def _rebuild(full: list, defs: tuple, sizes: list[int], k_def: Any) -> tuple[tup
     return tuple(args), kwargs
 
 
-def _parts(out: Any, out_def: Any) -> list[tuple[int, int, Any]] | None:
-    """For a tuple output, where each element's leaves lie in the flat output."""
+def _token_or_array(treedef: Any, static: tuple) -> int:
+    """The token of an output part; `_ARRAY_TOKEN` (never memoised) if it is unhashable."""
+    try:
+        return _PARTS.token(treedef, static)
+    except TypeError:
+        return _ARRAY_TOKEN
+
+
+def _out_parts(out: Any, out_def: Any, out_static: tuple) -> list[tuple[int, int, int]] | None:
+    """For a tuple output: each element's slice of the output leaves and its token."""
     if type(out) is not tuple:
         return None
     parts, start = [], 0
     for child in out_def.children():
-        parts.append((start, start + child.num_leaves, child))
-        start += child.num_leaves
+        end = start + child.num_leaves
+        parts.append((start, end, _token_or_array(child, out_static[start:end])))
+        start = end
     return parts
 
 
