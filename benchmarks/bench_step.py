@@ -13,6 +13,7 @@ import argparse
 import cProfile
 import datetime
 import io
+import os
 import platform
 import pstats
 import statistics
@@ -66,12 +67,12 @@ def first_step(make, size) -> float:
 
 def peak_memory_mb(name: str, size_key: str) -> float:
     code = (
-        "import sys, resource; sys.path.insert(0, %r); import _rows\n"
-        "row = _rows.ROWS[%r](_rows.SIZES[%r])\n"
+        f"import sys, resource; sys.path.insert(0, {str(HERE)!r}); import _rows\n"
+        f"row = _rows.ROWS[{name!r}](_rows.SIZES[{size_key!r}])\n"
         "for _ in range(50): row.step()\n"
         "row.block()\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    ) % (str(HERE), name, size_key)
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
@@ -88,16 +89,15 @@ def bench(size_key: str, repeats: int, memory: bool) -> list[dict]:
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             samples[name].append(measure(rows[name], counts[name]))
-    results = []
-    for name in names:
-        results.append(
-            {
-                "row": name,
-                "us": statistics.median(samples[name]) * 1e6,
-                "first_s": first_step(_rows.ROWS[name], size),
-                "mem_mb": peak_memory_mb(name, size_key) if memory else float("nan"),
-            }
-        )
+    results = [
+        {
+            "row": name,
+            "us": statistics.median(samples[name]) * 1e6,
+            "first_s": first_step(_rows.ROWS[name], size),
+            "mem_mb": peak_memory_mb(name, size_key) if memory else float("nan"),
+        }
+        for name in names
+    ]
     floor = results[0]
     for res in results:
         res["ratio"] = res["us"] / floor["us"]
@@ -110,14 +110,14 @@ def table(size_key: str, results: list[dict]) -> str:
     lines = [
         f"### {s.name}: batch {s.batch}, width {s.width}, {s.layers} layers",
         "",
-        "| row | µs/step | × floor | first step (s) | × floor | peak RSS (MB) |",
+        "| row | µs/step | x floor | first step (s) | x floor | peak RSS (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(
-            f"| {r['row']} | {r['us']:.1f} | {r['ratio']:.2f} | {r['first_s']:.2f} | "
-            f"{r['first_ratio']:.2f} | {r['mem_mb']:.0f} |"
-        )
+    lines += [
+        f"| {r['row']} | {r['us']:.1f} | {r['ratio']:.2f} | {r['first_s']:.2f} | "
+        f"{r['first_ratio']:.2f} | {r['mem_mb']:.0f} |"
+        for r in results
+    ]
     return "\n".join(lines)
 
 
@@ -158,9 +158,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, JAX backend {jax.default_backend()}"
+    python = platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores, Python {python}, JAX on {jax.default_backend()}"
 
 
 def main() -> None:
@@ -185,14 +184,20 @@ def main() -> None:
         "",
         f"- Machine: {machine()}",
         f"- Versions: {versions()}",
-        f"- Median of {args.repeats} interleaved repeats; × floor is the ratio to the first row.",
+        f"- Median of {args.repeats} interleaved repeats; 'x floor' is the ratio to the first row.",
         "",
         *[s + "\n" for s in sections],
     ]
     if args.profile:
         prof = profile_eqstate_call()
         print(prof)
-        report += ["## Profile of `eqstate.jit`'s per-call path (cProfile, tottime)", "", "```", prof, "```"]
+        report += [
+            "## Profile of `eqstate.jit`'s per-call path (cProfile, tottime)",
+            "",
+            "```",
+            prof,
+            "```",
+        ]
     args.out.write_text("\n".join(report))
     print(f"wrote {args.out}")
 

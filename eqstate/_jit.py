@@ -19,6 +19,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
+from ._rebuild import builder
+
 
 _Donate = Literal["all", "all-except-first", "none"]
 
@@ -188,13 +190,14 @@ def _part(x: Any, memo: _Memo) -> tuple[Any, int]:
 class _Entry:
     """One cache key: its jitted function and how to rebuild its outputs."""
 
-    __slots__ = ("call", "merge", "out_def", "out_parts", "out_token", "take")
+    __slots__ = ("build", "call", "merge", "out_def", "out_parts", "out_token", "take")
 
     def __init__(self, dyn_pos: list[int]):
         self.take = _getter(dyn_pos)
         self.call: Callable[..., Any] = _unset
         self.merge: Callable[[Any], Any] | None = None
         self.out_def: Any = None
+        self.build: Callable[[Any], Any] = _unset
         self.out_parts: list[tuple[int, int, int]] | None = None
         self.out_token = _ARRAY_TOKEN
 
@@ -282,7 +285,7 @@ class Jit:
                 out = entry.call(*entry.take(leaves))
         merge = entry.merge
         full = out if merge is None else merge(out)
-        result = entry.out_def.unflatten(full)
+        result = entry.build(full)
         parts = entry.out_parts
         if parts is None:
             if entry.out_token != _ARRAY_TOKEN:
@@ -312,6 +315,7 @@ class Jit:
             flags = [_is_array[type(x)] for x in out_leaves]
             out_static = tuple(_DYN if f else x for x, f in zip(out_leaves, flags))
             entry.out_def = out_def
+            entry.build = builder(out, out_def)
             entry.out_parts = _out_parts(out, out_def, out_static)
             entry.merge = _merger(out_static)
             entry.out_token = _token_or_array(out_def, out_static)

@@ -1,0 +1,83 @@
+"""The generated output rebuild equals `treedef.unflatten` on every kind of output."""
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import eqstate
+from eqstate._rebuild import builder
+
+
+class Pair(NamedTuple):
+    a: object
+    b: object
+
+
+class WithStatic(eqstate.Module):
+    w: jax.Array
+    tag: str = eqx.field(static=True, default="t")
+    act: object = jax.nn.relu  # class-level default: absent from the instance dict
+    opt: object = None
+
+
+class Holder(eqx.Module):
+    items: list
+    table: dict
+    pair: Pair
+
+
+def outputs():
+    linear = eqx.nn.Linear(2, 3, key=jax.random.key(0))
+    ws = WithStatic(jnp.ones(2))
+    ws_set = WithStatic(jnp.ones(2), "u", jax.nn.gelu, (jnp.zeros(1), None))
+    holder = Holder([linear, jnp.ones(1)], {"b": ws, "a": 3.0}, Pair(None, ws_set))
+    model = eqstate.nn.BatchNorm(3)
+    opt = eqstate.Optimizer(optax.adam(1e-3), holder)
+    return {
+        "array": jnp.ones(2),
+        "tuple": (linear, jnp.ones(1), 2.0),
+        "single": (linear,),
+        "module_static": ws,
+        "module_set": ws_set,
+        "containers": holder,
+        "optimizer": opt,
+        "batch_norm": eqstate.eval(model),
+        "bound_method": linear.__call__,
+        "nested": [{"x": (ws, [None, ()])}, Pair(1, 2)],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(outputs()))
+def test_builder_matches_unflatten(name):
+    out = outputs()[name]
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    build = builder(out, treedef)
+    rebuilt = build(leaves)
+    reference = treedef.unflatten(leaves)
+    assert jax.tree_util.tree_structure(rebuilt) == treedef
+    assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(rebuilt), leaves, strict=True))
+    for a, b in zip(
+        jax.tree_util.tree_leaves(rebuilt, is_leaf=lambda x: isinstance(x, eqx.Module)),
+        jax.tree_util.tree_leaves(reference, is_leaf=lambda x: isinstance(x, eqx.Module)),
+        strict=True,
+    ):
+        assert type(a) is type(b)
+        if isinstance(a, eqx.Module):
+            assert vars(a).keys() == vars(b).keys()
+
+
+def test_builder_falls_back_to_unflatten_for_unknown_nodes():
+    class Odd:
+        def __init__(self, x):
+            self.x = x
+
+    jax.tree_util.register_pytree_node(Odd, lambda o: ((o.x,), None), lambda _, c: Odd(*c))
+    out = (Odd(jnp.ones(1)), eqx.nn.Identity())
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    rebuilt = builder(out, treedef)(leaves)
+    assert isinstance(rebuilt[0], Odd) and rebuilt[0].x is leaves[0]
+    assert isinstance(rebuilt[1], eqx.nn.Identity)
