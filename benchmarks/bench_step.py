@@ -163,7 +163,9 @@ def machine() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description="Time one stateful training step across libraries."
+    )
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--profile", action="store_true")

@@ -190,10 +190,11 @@ def _part(x: Any, memo: _Memo) -> tuple[Any, int]:
 class _Entry:
     """One cache key: its jitted function and how to rebuild its outputs."""
 
-    __slots__ = ("build", "call", "merge", "out_def", "out_parts", "out_token", "take")
+    __slots__ = ("build", "call", "give", "keep", "merge", "out_def", "out_parts", "out_token")
 
-    def __init__(self, dyn_pos: list[int]):
-        self.take = _getter(dyn_pos)
+    def __init__(self, keep_pos: list[int], give_pos: list[int]):
+        self.keep = _getter(keep_pos)  # traced leaves kept by the caller
+        self.give = _getter(give_pos)  # traced leaves donated
         self.call: Callable[..., Any] = _unset
         self.merge: Callable[[Any], Any] | None = None
         self.out_def: Any = None
@@ -278,11 +279,11 @@ class Jit:
         except KeyError:
             entry = self._build(key)
         if self.donate == "none":
-            out = entry.call(*entry.take(leaves))
+            out = entry.call(entry.keep(leaves), entry.give(leaves))
         else:  # as Equinox: inputs with no output to reuse them are donated in vain
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                out = entry.call(*entry.take(leaves))
+                out = entry.call(entry.keep(leaves), entry.give(leaves))
         merge = entry.merge
         full = out if merge is None else merge(out)
         result = entry.build(full)
@@ -299,12 +300,16 @@ class Jit:
     def _build(self, key: tuple[int, ...]) -> _Entry:
         defs, k_def, static = _unpack(key)
         dyn_pos = [i for i, s in enumerate(static) if s is _DYN]
-        entry = _Entry(dyn_pos)
-        donate = self._donated(defs, dyn_pos)
+        first = self._donated_from(defs, len(static))
+        keep_pos = [i for i in dyn_pos if i < first]
+        give_pos = [i for i in dyn_pos if i >= first]
+        entry = _Entry(keep_pos, give_pos)
         fn, fn_is_tree, owner = self.fn, self._fn_is_tree, self
         sizes = [d.num_leaves for d in defs]
+        dyn_pos = keep_pos + give_pos
 
-        def traced(*dyn: Any) -> list[Any]:
+        def traced(keep: tuple, give: tuple) -> list[Any]:
+            dyn = (*keep, *give)
             owner._count_trace(key, dyn_pos, dyn)
             full = list(static)
             for i, x in zip(dyn_pos, dyn):
@@ -321,17 +326,17 @@ class Jit:
             entry.out_token = _token_or_array(out_def, out_static)
             return [x for x, f in zip(out_leaves, flags) if f]
 
-        entry.call = jax.jit(traced, donate_argnums=donate)
+        entry.call = jax.jit(traced, donate_argnums=(1,) if give_pos else ())
         self._cache[key] = entry
         return entry
 
-    def _donated(self, defs: list, dyn_pos: list[int]) -> tuple[int, ...]:
+    def _donated_from(self, defs: list, n_leaves: int) -> int:
+        """The index of the first donated leaf (`n_leaves` if none is donated)."""
         if self.donate == "none":
-            return ()
+            return n_leaves
         if self.donate == "all":
-            return tuple(range(len(dyn_pos)))
-        first = sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
-        return tuple(j for j, i in enumerate(dyn_pos) if i >= first)
+            return 0
+        return sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
 
     def _count_trace(self, key: tuple[int, ...], dyn_pos: list[int], dyn: tuple) -> None:
         defs, k_def, static = _unpack(key)

@@ -63,6 +63,8 @@ class _Gen:
                 expr, i = self.node(x[k], i)
                 parts.append(f"{k!r}: {expr}")
             return "{" + ", ".join(parts) + "}", i
+        if type(x) in (tuple, list) and n == len(x) and treedef.num_nodes == n + 1:
+            return f"{type(x).__name__}(L[{start}:{start + n}])", start + n  # all leaves
         if type(x) in (tuple, list):
             parts = []
             i = start

@@ -59,7 +59,7 @@ def loss_fn(model: MLP, x: Array, y: Int[Array, " batch"]) -> tuple[Array, tuple
     return loss, (model, logits)
 
 
-@eqx.filter_jit(donate="all-except-first")
+@eqstate.jit(donate="all-except-first", max_traces=1)
 def train_step(model, opt, ema, metrics, x, y):
     TRACES["train_step"] += 1
     (loss, (model, logits)), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
@@ -69,7 +69,7 @@ def train_step(model, opt, ema, metrics, x, y):
     return model, opt, ema, metrics
 
 
-@eqx.filter_jit
+@eqstate.jit(max_traces=1)
 def evaluate(model: MLP, x: Array, y: Array) -> Array:
     TRACES["evaluate"] += 1
     logits, _ = eqstate.eval(model)(x)
