@@ -11,8 +11,11 @@ reported.
 """
 
 import argparse
+import datetime
+import os
 import statistics
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -57,10 +60,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Per-call overhead versus model size.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "SCALE.md")
     args = parser.parse_args()
 
-    print("| leaves | " + " | ".join(rows(2)) + " |")
-    print("|---:|" + "---:|" * len(rows(2)))
+    lines = ["| leaves | " + " | ".join(rows(2)) + " |", "|---:|" + "---:|" * len(rows(2))]
+    print("\n".join(lines))
     for n in args.sizes:
         table = rows(n)
         carries = {}
@@ -75,7 +79,18 @@ def main() -> None:
         medians = [statistics.median(s) * 1e6 for s in samples.values()]
         base = medians[0]
         cells = [f"{m:.0f} µs (+{m - base:.0f})" for m in medians]
-        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    header = [
+        "# Per-call overhead versus number of leaves",
+        "",
+        f"Written by `benchmarks/bench_scale.py` on {datetime.date.today()}; "
+        f"JAX {jax.__version__}, Equinox {eqx.__version__}, {os.cpu_count()} cores, "
+        f"{jax.default_backend()}.",
+        "",
+    ]
+    args.out.write_text("\n".join(header + lines) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,25 @@ def profile_eqstate_call(n: int = 2000) -> str:
     return buf.getvalue()
 
 
+def targets(all_results: dict[str, list[dict]]) -> str:
+    """The issue's targets, each with the measured figure and whether it is met."""
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+
+    def row(target: str, value: float, limit: float, unit: str = "x") -> None:
+        lines.append(f"| {target} | {value:.2f}{unit} | {'yes' if value <= limit else 'NO'} |")
+
+    for key, results in all_results.items():
+        by = {r["row"]: r for r in results}
+        name = _rows.SIZES[key].name
+        limit = 1.15 if key == "dispatch" else 1.03
+        row(f"eqstate.jit <= {limit}x floor ({name})", by["eqstate + eqstate.jit"]["ratio"], limit)
+        ours = by["eqstate + eqx.filter_jit"]["us"] / by["equinox filter_jit + eqx.nn.State"]["us"]
+        row(f"eqstate + filter_jit <= Equinox's stateful pattern ({name})", ours, 1.0)
+        first = by["eqstate + eqstate.jit"]["first_ratio"]
+        row(f"eqstate trace + compile <= 1.2x floor's ({name})", first, 1.2)
+    return "\n".join(lines)
+
+
 def versions() -> str:
     pkgs = ["jax", "jaxlib", "equinox", "optax", "flax", "dm-haiku", "eqstate"]
     found = []
@@ -174,11 +193,14 @@ def main() -> None:
     args = parser.parse_args()
 
     sections = []
+    all_results = {}
     for key in args.sizes:
-        results = bench(key, args.repeats, not args.no_memory)
+        results = all_results[key] = bench(key, args.repeats, not args.no_memory)
         text = table(key, results)
         print(text + "\n", flush=True)
         sections.append(text)
+    sections.append(targets(all_results))
+    print(sections[-1] + "\n")
     report = [
         "# Benchmark results",
         "",
