@@ -104,9 +104,11 @@ def _checked(obj: "Module", name: str, value: Any) -> Any:
     if _is_array(old):
         value = _fit(value, old, where, fixed)
     elif old is not None and jtu.tree_structure(value) == jtu.tree_structure(old):
+        # a container or child module: its arrays keep their dtypes; their shapes are the
+        # business of the fields that hold them (a child's own `fixed_shape`)
         value = jtu.tree_map_with_path(
             lambda path, new, prev: (
-                _fit(new, prev, where + jtu.keystr(path), fixed) if _is_array(prev) else new
+                _fit(new, prev, where + jtu.keystr(path), False) if _is_array(prev) else new
             ),
             value,
             old,

@@ -32,8 +32,12 @@ class Optimizer(Module):
 
     - `tx`: the optax transformation (static).
     - `wrt`: the filter selecting the updated leaves (static).
-    - `opt_state`: optax's state (`OptState`).
+    - `opt_leaves`: the leaves of optax's state (`OptState`), stored flat so that a
+        jitted step does not rebuild copies of the model's structure for it.
+    - `opt_def`: the structure of optax's state (static).
     - `step`: how many times `update` has been called (`OptState`, int32).
+
+    `opt.opt_state` gives optax's state in its own structure.
 
     !!! example
 
@@ -48,9 +52,10 @@ class Optimizer(Module):
         ```
     """
 
-    tx: optax.GradientTransformationExtraArgs = eqx.field(static=True)
+    tx: optax.GradientTransformation = eqx.field(static=True)
     wrt: Any = eqx.field(static=True)
-    opt_state: Any = OptState.field()
+    opt_leaves: list[Any] = OptState.field()
+    opt_def: Any = eqx.field(static=True)
     step: jax.Array = OptState.field()
 
     def __init__(self, tx: optax.GradientTransformation, model: Any, *, wrt: Filter = Param):
@@ -69,11 +74,16 @@ class Optimizer(Module):
                 f"Optimizer(tx=...) expects an optax GradientTransformation such as "
                 f"optax.adam(1e-3), got {type(tx).__name__}."
             )
-        self.tx = optax.with_extra_args_support(tx)
+        self.tx = tx
         self.wrt = wrt
         params, _ = split_differentiable(model, wrt)
-        self.opt_state = _unaliased(self.tx.init(params), params)
+        self.opt_leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
         self.step = jnp.zeros((), jnp.int32)
+
+    @property
+    def opt_state(self) -> Any:
+        """optax's state, in the structure optax gave it."""
+        return self.opt_def.unflatten(self.opt_leaves)
 
     @mutating
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
@@ -94,7 +104,16 @@ class Optimizer(Module):
         """
         params, _ = split_differentiable(model, self.wrt)
         grads = _matching_grads(grads, params, self.wrt)
-        updates, self.opt_state = self.tx.update(grads, self.opt_state, params, **extra_args)
+        tx = optax.with_extra_args_support(self.tx)
+        updates, state = tx.update(grads, self.opt_state, params, **extra_args)
+        leaves, treedef = jtu.tree_flatten(state)
+        if treedef != self.opt_def:
+            raise ValueError(
+                f"Optimizer.update: the optax transformation returned a state of structure "
+                f"{treedef}, which differs from the one it started with ({self.opt_def}). "
+                "A jitted step would recompile every call; check the transformation."
+            )
+        self.opt_leaves = leaves
         self.step += 1
         return combine(optax.apply_updates(params, updates), model)
 

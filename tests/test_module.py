@@ -138,6 +138,31 @@ def test_shape_change_errors_unless_opted_out():
     assert s1.grow.shape == (5,)
 
 
+class Grows(eqstate.Module):
+    buf: jax.Array = eqstate.State.field(default_factory=lambda: jnp.zeros(0), fixed_shape=False)
+
+    @eqstate.mutating
+    def push(self, x):
+        self.buf = jnp.concatenate([self.buf, x])
+
+
+class HoldsGrows(eqstate.Module):
+    child: Grows
+    total: jax.Array = eqstate.State.field(default=0.0)
+
+    @eqstate.mutating
+    def push(self, x):
+        _, self.child = self.child.push(x)
+        self.total += jnp.sum(x)
+
+
+def test_child_fixed_shape_opt_out_is_respected_by_parent():
+    h = HoldsGrows(Grows())
+    _, h = h.push(jnp.ones(2))
+    _, h = h.push(jnp.ones(3))
+    assert h.child.buf.shape == (5,) and float(h.total) == 5.0
+
+
 def test_key_fields_are_not_cast():
     s = Shapes()
     _, s1 = s.set("key", jax.random.split(s.key)[1])

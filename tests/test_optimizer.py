@@ -88,6 +88,9 @@ def test_round_trip_through_jit_and_serialisation(tmp_path):
     fresh = eqstate.Optimizer(tx, Net(jax.random.key(9)))
     loaded = eqx.tree_deserialise_leaves(path, fresh)
     assert tree_allclose(loaded.opt_state, opt.opt_state) and int(loaded.step) == 5
+    assert isinstance(loaded.opt_state[0], optax.ScaleByAdamState)
+    # built from the same transformation, the two optimizers have one structure
+    assert jax.tree_util.tree_structure(fresh) == jax.tree_util.tree_structure(opt)
     # the loaded optimizer continues exactly like the original
     a = jstep(model, opt, X, Y)
     b = jstep(model, loaded, X, Y)
