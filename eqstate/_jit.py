@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
-from ._rebuild import builder
+from ._rebuild import builder, snapshot, unchanged
 
 
 _Donate = Literal["all", "all-except-first", "none"]
@@ -144,28 +144,35 @@ class _Memo:
     """Leaves and token of the objects a `Jit` returned, by identity, while they live.
 
     Modules are immutable, so an object returned by the last step and passed to the
-    next needs no second flatten (Equinox modules flatten in Python, node by node).
+    next needs no second flatten (Equinox modules flatten in Python, node by node). The
+    lists and dicts inside are mutable: a hit also checks they were not changed.
     """
 
-    __slots__ = ("_d",)
+    __slots__ = ("_d", "checked")
 
     def __init__(self) -> None:
-        self._d: dict[int, tuple[weakref.ref, Any, int]] = {}
+        self._d: dict[int, tuple[weakref.ref, Any, int, tuple]] = {}
+        self.checked: tuple | None = None  # a snapshot found unchanged during this call
 
     def get(self, obj: Any) -> tuple[Any, int] | None:
         hit = self._d.get(id(obj))
-        if hit is not None and hit[0]() is obj:
-            return hit[1], hit[2]
-        return None
+        if hit is None or hit[0]() is not obj:
+            return None
+        snap = hit[3]
+        if snap is not self.checked:
+            if not unchanged(snap):
+                return None
+            self.checked = snap  # the outputs of one call share one snapshot
+        return hit[1], hit[2]
 
-    def put(self, obj: Any, leaves: Any, tok: int) -> None:
+    def put(self, obj: Any, leaves: Any, tok: int, snap: tuple) -> None:
         try:
             ref = weakref.ref(obj, ft.partial(_forget, self._d, id(obj)))
         except TypeError:  # tuples, lists, ... cannot be weakly referenced
             return
         if len(self._d) > 1024:
             self._d.clear()
-        self._d[id(obj)] = (ref, leaves, tok)
+        self._d[id(obj)] = (ref, leaves, tok, snap)
 
 
 def _forget(d: dict, key: int, ref: weakref.ref) -> None:
@@ -257,6 +264,7 @@ class Jit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         memo = self._memo
+        memo.checked = None
         if self._fn_is_tree:
             args = (self.fn, *args)
         leaves: list = []
@@ -286,15 +294,18 @@ class Jit:
                 out = entry.call(entry.keep(leaves), entry.give(leaves))
         merge = entry.merge
         full = out if merge is None else merge(out)
-        result = entry.build(full)
+        result, containers = entry.build(full)
+        if containers is None:  # rebuilt by JAX: contents unknown, nothing to memoise
+            return result
+        snap = snapshot(containers)
         parts = entry.out_parts
         if parts is None:
             if entry.out_token != _ARRAY_TOKEN:
-                memo.put(result, full, entry.out_token)
+                memo.put(result, full, entry.out_token, snap)
         else:
             for obj, (lo, hi, tok) in zip(result, parts):
                 if tok != _ARRAY_TOKEN:
-                    memo.put(obj, full[lo:hi], tok)
+                    memo.put(obj, full[lo:hi], tok, snap)
         return result
 
     def _build(self, key: tuple[int, ...]) -> _Entry:

@@ -54,7 +54,7 @@ class Optimizer(Module):
 
     tx: optax.GradientTransformation = eqx.field(static=True)
     wrt: Any = eqx.field(static=True)
-    opt_leaves: list[Any] = OptState.field()
+    opt_leaves: tuple[Any, ...] = OptState.field()
     opt_def: Any = eqx.field(static=True)
     step: jax.Array = OptState.field()
 
@@ -77,7 +77,8 @@ class Optimizer(Module):
         self.tx = tx
         self.wrt = wrt
         params, _ = split_differentiable(model, wrt)
-        self.opt_leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
+        leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
+        self.opt_leaves = tuple(leaves)
         self.step = jnp.zeros((), jnp.int32)
 
     @property
@@ -113,7 +114,7 @@ class Optimizer(Module):
                 f"{treedef}, which differs from the one it started with ({self.opt_def}). "
                 "A jitted step would recompile every call; check the transformation."
             )
-        self.opt_leaves = leaves
+        self.opt_leaves = tuple(leaves)
         self.step += 1
         return combine(optax.apply_updates(params, updates), model)
 

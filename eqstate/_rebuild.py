@@ -30,6 +30,8 @@ class _Gen:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.consts: dict[str, Any] = {}
+        self.containers: list[str] = []  # the mutable lists and dicts built
+        self.opaque = False  # whether some subtree is rebuilt by JAX, contents unseen
         self.n = 0
 
     def const(self, value: Any) -> str:
@@ -41,6 +43,12 @@ class _Gen:
         self.n += 1
         return f"v{self.n}"
 
+    def container(self, expr: str) -> str:
+        v = self.var()
+        self.lines.append(f"    {v} = {expr}")
+        self.containers.append(v)
+        return v
+
     def node(self, x: Any, start: int) -> tuple[str, int]:
         """An expression building `x` from `L[start:...]`, and the next leaf index."""
         treedef = jtu.tree_structure(x)
@@ -48,7 +56,11 @@ class _Gen:
         if treedef.num_nodes == 1:
             if n == 1:
                 return f"L[{start}]", start + 1
-            return self.const(treedef.unflatten([])), start  # None, (), {}, ...
+            if type(x) in (list, dict) and not x:
+                return self.container("[]" if type(x) is list else "{}"), start
+            if x is None or x == ():
+                return repr(x), start
+            return self.const(treedef.unflatten([])), start
         if isinstance(x, tuple) and type(x) is not tuple and hasattr(type(x), "_fields"):
             parts = []  # a NamedTuple, rebuilt as JAX does: cls(*children)
             i = start
@@ -62,9 +74,10 @@ class _Gen:
             for k in sorted(x):
                 expr, i = self.node(x[k], i)
                 parts.append(f"{k!r}: {expr}")
-            return "{" + ", ".join(parts) + "}", i
+            return self.container("{" + ", ".join(parts) + "}"), i
         if type(x) in (tuple, list) and n == len(x) and treedef.num_nodes == n + 1:
-            return f"{type(x).__name__}(L[{start}:{start + n}])", start + n  # all leaves
+            expr = f"{type(x).__name__}(L[{start}:{start + n}])"  # all leaves
+            return (self.container(expr) if type(x) is list else expr), start + n
         if type(x) in (tuple, list):
             parts = []
             i = start
@@ -72,7 +85,9 @@ class _Gen:
                 expr, i = self.node(child, i)
                 parts.append(expr)
             inner = ", ".join(parts) + ("," if type(x) is tuple and len(parts) == 1 else "")
-            return ("(" + inner + ")" if type(x) is tuple else "[" + inner + "]"), i
+            if type(x) is tuple:
+                return "(" + inner + ")", i
+            return self.container("[" + inner + "]"), i
         if _is_plain_module(x):
             fields = dataclasses.fields(cast(Any, x))
             values = vars(x)
@@ -97,25 +112,60 @@ class _Gen:
             self.lines.append(f"    {v} = new({cls})")
             self.lines.append(f"    setattr_({v}, '__dict__', {{{', '.join(items)}}})")
             return v, i
-        # anything else (dicts, NamedTuples, custom nodes): JAX rebuilds the subtree
+        # anything else (custom nodes, dicts with other keys): JAX rebuilds the subtree
+        self.opaque = True
         return f"{self.const(treedef)}.unflatten(L[{start}:{start + n}])", start + n
 
 
-def builder(out: Any, out_def: Any) -> Callable[[Any], Any]:
-    """A function `leaves -> output`, equal to `out_def.unflatten` for outputs like `out`."""
+def builder(out: Any, out_def: Any) -> Callable[[Any], tuple[Any, tuple | None]]:
+    """A function `leaves -> (output, containers)` for outputs like `out`.
+
+    `output` equals `out_def.unflatten(leaves)`; `containers` are the lists and dicts it
+    built (mutable, so a memo of the output's leaves must check them), or `None` when
+    JAX rebuilt the output and they are unknown.
+    """
+
+    def by_jax(leaves: Any) -> tuple[Any, None]:
+        return out_def.unflatten(leaves), None
+
     gen = _Gen()
     try:
         expr, used = gen.node(out, 0)
     except Exception:  # an unusual node: let JAX do it
-        return out_def.unflatten
+        return by_jax
     if used != out_def.num_leaves:
-        return out_def.unflatten
-    src = "def build(L):\n" + "\n".join(gen.lines) + f"\n    return {expr}\n"
+        return by_jax
+    containers = "None" if gen.opaque else f"({''.join(c + ', ' for c in gen.containers)})"
+    src = "def build(L):\n" + "\n".join(gen.lines) + f"\n    return {expr}, {containers}\n"
     namespace = {"new": object.__new__, "setattr_": object.__setattr__, **gen.consts}
     exec(compile(src, "<eqstate rebuild>", "exec"), namespace)
     build = namespace["build"]
     try:
-        ok = jtu.tree_structure(build(jtu.tree_leaves(out))) == out_def
+        ok = jtu.tree_structure(build(jtu.tree_leaves(out))[0]) == out_def
     except Exception:
         ok = False
-    return build if ok else out_def.unflatten
+    return build if ok else by_jax
+
+
+def snapshot(containers: tuple) -> tuple:
+    """What `unchanged` compares: each list's items and each dict's items, by identity."""
+    return tuple((c, tuple(c.items()) if type(c) is dict else tuple(c)) for c in containers)
+
+
+def unchanged(snap: tuple) -> bool:
+    """Whether no list or dict in `snap` was modified in place since the snapshot."""
+    for c, items in snap:
+        if len(c) != len(items):
+            return False
+        if type(c) is dict:
+            for k, v in items:
+                if c.get(k, _ABSENT) is not v:
+                    return False
+        else:
+            for a, b in zip(c, items):
+                if a is not b:
+                    return False
+    return True
+
+
+_ABSENT = object()

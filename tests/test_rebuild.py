@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import eqstate
-from eqstate._rebuild import builder
+from eqstate._rebuild import builder, snapshot, unchanged
 
 
 class Pair(NamedTuple):
@@ -56,7 +56,8 @@ def test_builder_matches_unflatten(name):
     out = outputs()[name]
     leaves, treedef = jax.tree_util.tree_flatten(out)
     build = builder(out, treedef)
-    rebuilt = build(leaves)
+    rebuilt, containers = build(leaves)
+    assert containers is not None  # every kind of node here is built by the generated code
     reference = treedef.unflatten(leaves)
     assert jax.tree_util.tree_structure(rebuilt) == treedef
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(rebuilt), leaves, strict=True))
@@ -78,6 +79,33 @@ def test_builder_falls_back_to_unflatten_for_unknown_nodes():
     jax.tree_util.register_pytree_node(Odd, lambda o: ((o.x,), None), lambda _, c: Odd(*c))
     out = (Odd(jnp.ones(1)), eqx.nn.Identity())
     leaves, treedef = jax.tree_util.tree_flatten(out)
-    rebuilt = builder(out, treedef)(leaves)
+    rebuilt, containers = builder(out, treedef)(leaves)
+    assert containers is None
     assert isinstance(rebuilt[0], Odd) and rebuilt[0].x is leaves[0]
     assert isinstance(rebuilt[1], eqx.nn.Identity)
+
+
+def test_snapshot_sees_in_place_changes():
+    items, table = [jnp.ones(1), 2.0], {"a": jnp.zeros(1)}
+    snap = snapshot((items, table))
+    assert unchanged(snap)
+    items[1] = 3.0
+    assert not unchanged(snap)
+    items[1] = 2.0  # an equal value, but another object is not the same leaf
+    snap = snapshot((items, table))
+    table["a"] = jnp.zeros(1)
+    assert not unchanged(snap)
+    snap = snapshot((items, table))
+    items.append(1)
+    assert not unchanged(snap)
+
+
+def test_jit_sees_a_list_changed_in_place_between_calls():
+    class Layers(eqstate.Module):
+        layers: list
+
+    step = eqstate.jit(lambda m: Layers([x + 1 for x in m.layers]))
+    m = step(Layers([jnp.zeros(1), jnp.zeros(1)]))
+    m.layers[0] = jnp.full(1, 10.0)  # not how Equinox models should change, but possible
+    out = step(m)
+    assert float(out.layers[0][0]) == 11.0 and float(out.layers[1][0]) == 2.0
