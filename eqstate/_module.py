@@ -23,16 +23,15 @@ _R = TypeVar("_R")
 _M = TypeVar("_M", bound="Module")
 
 _MSG_NOT_A_FIELD = (
-    "{cls}.{name} is not a field. Inside a `@eqstate.mutating` method you can assign "
-    "only to declared fields: {fields}. Declare it on the class, e.g. "
-    "`{name}: jax.Array = eqstate.State.field()`."
+    "{cls}.{name} is not a field. You can assign only to declared fields: {fields}. "
+    "Declare it on the class, e.g. `{name}: jax.Array = eqstate.State.field()`."
 )
 _MSG_FROZEN = (
     "cannot assign to field '{name}': {cls} is frozen outside `@eqstate.mutating` "
     "methods. Decorate the method that assigns with `@eqstate.mutating` (it then "
     "returns `(result, new_model)`), or build a new model with `model.update(...)` / "
     "`eqx.tree_at`. A child's fields change through the child's own mutating method: "
-    "`y, self.{name_hint} = self.{name_hint}(x)`."
+    "`y, self.child = self.child(x)`."
 )
 _MSG_SHAPE = (
     "{where} has shape {old} but was assigned a value of shape {new}. An array "
@@ -180,9 +179,15 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
             try:
                 super().__setattr__(name, value)
             except dataclasses.FrozenInstanceError:
-                raise dataclasses.FrozenInstanceError(
-                    _MSG_FROZEN.format(name=name, cls=type(self).__name__, name_hint="child")
-                ) from None
+                cls = type(self)
+                fields = _fields(cls)
+                if name not in fields:  # also in `__init__`
+                    msg = _MSG_NOT_A_FIELD.format(
+                        cls=cls.__name__, name=name, fields=", ".join(fields) or "(none)"
+                    )
+                else:
+                    msg = _MSG_FROZEN.format(name=name, cls=cls.__name__)
+                raise dataclasses.FrozenInstanceError(msg) from None
 
     def filter(self, *filters: Filter) -> "Module":
         """`eqstate.filter(self, *filters)`: this model with non-matching leaves `None`."""

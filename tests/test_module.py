@@ -98,6 +98,20 @@ def test_assigning_undeclared_name_lists_fields():
     assert "weight, count, total" in msg
 
 
+def test_assigning_undeclared_name_in_init_lists_fields():
+    class Bad(eqstate.Module):
+        a: jax.Array
+
+        def __init__(self):
+            self.a = jnp.zeros(1)
+            self.b = 1
+
+    with pytest.raises(
+        AttributeError, match=r"Bad\.b is not a field\. You can assign only to declared fields: a\."
+    ):
+        Bad()
+
+
 def test_assignment_outside_mutating_is_frozen():
     c = make()
     with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'count'"):
