@@ -1,9 +1,11 @@
 """`eqstate.jit`: `eqx.filter_jit` semantics at the cost of `jax.jit` over flat leaves.
 
-Per call: one C++ `tree_flatten`, one pass that swaps array leaves for a marker (the
-static part, hashed as the cache key), one dict lookup, the compiled call, and an
-unflatten of the outputs. The partition plan (which leaves are traced, the static part,
-the output structure) is built once per input structure, when JAX traces.
+Per call, for each argument: its leaves and a small-integer token for its structure and
+static part (from a memo of the objects the last call returned, or else one C++
+`tree_flatten` and one pass over the leaves); then one dict lookup keyed by the tokens,
+the compiled call on the traced leaves, and a generated function that rebuilds the
+outputs. Everything else (which leaves are traced, the static part, the output
+structure, donation) is worked out once per cache key, when JAX traces.
 """
 
 import functools as ft
@@ -19,6 +21,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
 
+from ._filters import first_mismatch
 from ._rebuild import builder, snapshot, unchanged
 
 
@@ -61,17 +64,6 @@ _MSG_MAX_TRACES = (
 )
 
 
-def _skeleton(tree: Any) -> Any:
-    """`tree` with arrays replaced by their shape/dtype (for explaining retraces)."""
-
-    def describe(x: Any) -> Any:
-        if _is_array[type(x)]:
-            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, weak_type=_weak(x))
-        return x
-
-    return jtu.tree_map(describe, tree)
-
-
 def _weak(x: Any) -> bool:
     return bool(getattr(x, "weak_type", False))
 
@@ -89,8 +81,6 @@ def _leaf(x: Any) -> str:
 
 def _explain(old: Any, new: Any) -> str:
     """Name the first argument path where two skeletons differ."""
-    from ._filters import first_mismatch
-
     where = first_mismatch(old, new, where=_argpath, leaf=_leaf)
     if where is not None:
         return f"The structure of the arguments changed {where}."
@@ -199,9 +189,9 @@ class _Entry:
 
     __slots__ = ("build", "call", "give", "keep", "merge", "out_def", "out_parts", "out_token")
 
-    def __init__(self, keep_pos: list[int], give_pos: list[int]):
-        self.keep = _getter(keep_pos)  # traced leaves kept by the caller
-        self.give = _getter(give_pos)  # traced leaves donated
+    def __init__(self, keep_pos: list[int], give_pos: list[int], n: int):
+        self.keep = _getter(keep_pos, n)  # traced leaves kept by the caller
+        self.give = _getter(give_pos, n)  # traced leaves donated
         self.call: Callable[..., Any] = _unset
         self.merge: Callable[[Any], Any] | None = None
         self.out_def: Any = None
@@ -214,10 +204,12 @@ def _unset(*args: Any) -> Any:
     raise AssertionError("jitted function used before it was built")
 
 
-def _getter(positions: list[int]) -> Callable[[Any], tuple]:
-    """`f(seq) -> tuple(seq[i] for i in positions)`, at C speed."""
+def _getter(positions: list[int], n: int | None = None) -> Callable[[Any], tuple]:
+    """`f(seq) -> tuple(seq[i] for i in positions)`, at C speed (`seq` has `n` items)."""
     if not positions:
         return lambda seq: ()
+    if positions == list(range(n or 0)):
+        return tuple
     if len(positions) == 1:
         (i,) = positions
         return lambda seq: (seq[i],)
@@ -314,7 +306,7 @@ class Jit:
         first = self._donated_from(defs, len(static))
         keep_pos = [i for i in dyn_pos if i < first]
         give_pos = [i for i in dyn_pos if i >= first]
-        entry = _Entry(keep_pos, give_pos)
+        entry = _Entry(keep_pos, give_pos, len(static))
         fn, fn_is_tree, owner = self.fn, self._fn_is_tree, self
         sizes = [d.num_leaves for d in defs]
         dyn_pos = keep_pos + give_pos

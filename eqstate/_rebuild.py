@@ -9,6 +9,7 @@ JAX for that subtree.
 """
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -148,24 +149,25 @@ def builder(out: Any, out_def: Any) -> Callable[[Any], tuple[Any, tuple | None]]
 
 
 def snapshot(containers: tuple) -> tuple:
-    """What `unchanged` compares: each list's items and each dict's items, by identity."""
-    return tuple((c, tuple(c.items()) if type(c) is dict else tuple(c)) for c in containers)
+    """What `unchanged` compares: each list's items and each dict's keys and values."""
+    return tuple(
+        (c, tuple(c), tuple(c.values())) if type(c) is dict else (c, tuple(c), ())
+        for c in containers
+    )
 
 
 def unchanged(snap: tuple) -> bool:
-    """Whether no list or dict in `snap` was modified in place since the snapshot."""
-    for c, items in snap:
+    """Whether no list or dict in `snap` was modified in place since the snapshot.
+
+    Items are compared by identity (at C speed), so an equal but new array counts as a
+    change.
+    """
+    for c, items, values in snap:
         if len(c) != len(items):
             return False
         if type(c) is dict:
-            for k, v in items:
-                if c.get(k, _ABSENT) is not v:
-                    return False
-        else:
-            for a, b in zip(c, items):
-                if a is not b:
-                    return False
+            if tuple(c) != items or not all(map(operator.is_, c.values(), values)):
+                return False
+        elif not all(map(operator.is_, c, items)):
+            return False
     return True
-
-
-_ABSENT = object()
