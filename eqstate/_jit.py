@@ -346,7 +346,10 @@ class Jit:
         full = list(static)
         for i, x in zip(dyn_pos, dyn):
             full[i] = jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
-        skeleton = _rebuild(full, defs, [d.num_leaves for d in defs], k_def)
+        args, kwargs = _rebuild(full, defs, [d.num_leaves for d in defs], k_def)
+        if self._fn_is_tree:  # name arguments as the caller passed them
+            args = args[1:]
+        skeleton = (args, kwargs)
         self.traces += 1
         if self._last is not None:
             self.retrace_reasons.append(_explain(self._last, skeleton))

@@ -172,6 +172,15 @@ def test_max_traces_names_what_changed():
     jf(c, jnp.ones(2))  # the first signature still works
 
 
+def test_retrace_reasons_name_arguments_of_a_callable_module():
+    jl = eqstate.jit(eqx.nn.Lambda(lambda x: x * 2))  # a module: its leaves go in too
+    jl(jnp.ones(2))
+    jl(jnp.ones(3))
+    assert jl.retrace_reasons == [
+        "The shape/dtype of args[0] changed from float32[2] to float32[3]."
+    ]
+
+
 def test_errors():
     class Unhashable:
         __hash__ = None  # pyright: ignore[reportAssignmentType]
