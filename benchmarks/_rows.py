@@ -69,7 +69,6 @@ class Row:
 
 
 def make_floor(size: Size) -> Row:
-    x, y = data(size)
     keys = jax.random.split(jax.random.key(0), size.layers + 1)
     dims = [size.width] * (size.layers + 1)
     params = {
@@ -88,39 +87,48 @@ def make_floor(size: Size) -> Row:
         },
     }
     bn = [{"mean": jnp.zeros(size.width), "var": jnp.ones(size.width)} for _ in range(size.layers)]
+
+    def loss_fn(params, bn, key, x, y):
+        h, new_bn = x, []
+        for i, (layer, stats) in enumerate(zip(params["layers"], bn)):
+            h = h @ layer["w"] + layer["b"]
+            mean = h.mean(0)
+            var = jnp.maximum((h * h).mean(0) - mean * mean, 0.0)
+            new_bn.append(
+                {
+                    "mean": MOMENTUM * stats["mean"] + (1 - MOMENTUM) * mean,
+                    "var": MOMENTUM * stats["var"] + (1 - MOMENTUM) * var,
+                }
+            )
+            h = (h - mean) * jax.lax.rsqrt(var + EPS) * layer["scale"] + layer["offset"]
+            h = jax.nn.relu(h)
+            keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1 - RATE, h.shape)
+            h = jnp.where(keep, h / (1 - RATE), 0.0)
+        logits = h @ params["head"]["w"] + params["head"]["b"]
+        return xent(logits, y), new_bn
+
+    return _functional_row(size, loss_fn, params, bn)
+
+
+def _functional_row(size: Size, loss_fn: Callable[..., Any], params: Any, state: Any) -> Row:
+    """A hand-written `jax.jit` step over raw pytrees `(params, state, opt_state, key)`.
+
+    `loss_fn(params, state, key, x, y) -> (loss, new_state)`.
+    """
+    x, y = data(size)
     tx = optax.adam(LR)
 
     @jax.jit
-    def step(params, bn, opt_state, key, x, y):
+    def step(params, state, opt_state, key, x, y):
         key, sub = jax.random.split(key)
-
-        def loss_fn(params):
-            h, new_bn = x, []
-            for i, (layer, stats) in enumerate(zip(params["layers"], bn)):
-                h = h @ layer["w"] + layer["b"]
-                mean = h.mean(0)
-                var = jnp.maximum((h * h).mean(0) - mean * mean, 0.0)
-                new_bn.append(
-                    {
-                        "mean": MOMENTUM * stats["mean"] + (1 - MOMENTUM) * mean,
-                        "var": MOMENTUM * stats["var"] + (1 - MOMENTUM) * var,
-                    }
-                )
-                h = (h - mean) * jax.lax.rsqrt(var + EPS) * layer["scale"] + layer["offset"]
-                h = jax.nn.relu(h)
-                keep = jax.random.bernoulli(jax.random.fold_in(sub, i), 1 - RATE, h.shape)
-                h = jnp.where(keep, h / (1 - RATE), 0.0)
-            logits = h @ params["head"]["w"] + params["head"]["b"]
-            return xent(logits, y), new_bn
-
-        (loss, bn), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, sub, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), bn, opt_state, key, loss
+        return optax.apply_updates(params, updates), state, opt_state, key, loss
 
-    def run(params, bn, opt_state, key, loss):
-        return step(params, bn, opt_state, key, x, y)
+    def run(params, state, opt_state, key, loss):
+        return step(params, state, opt_state, key, x, y)
 
-    carry = (params, bn, tx.init(params), jax.random.key(1), None)
+    carry = (params, state, tx.init(params), jax.random.key(1), None)
     return Row(run, carry, lambda c: c[-1])
 
 
@@ -234,26 +242,13 @@ def make_equinox_state(size: Size) -> Row:
 
 
 def make_equinox_partition(size: Size) -> Row:
-    x, y = data(size)
     model, state = eqx.nn.make_with_state(EqxMLP)(size, jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    tx = optax.adam(LR)
 
-    @jax.jit
-    def step(params, state, opt_state, key, x, y):
-        key, sub = jax.random.split(key)
+    def loss_fn(params, state, key, x, y):
+        return _eqx_loss(eqx.combine(params, static), state, key, x, y)
 
-        def loss_fn(params):
-            return _eqx_loss(eqx.combine(params, static), state, sub, x, y)
-
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), state, opt_state, key, loss
-
-    def run(params, state, opt_state, key, loss):
-        return step(params, state, opt_state, key, x, y)
-
-    return Row(run, (params, state, tx.init(params), jax.random.key(1), None), lambda c: c[-1])
+    return _functional_row(size, loss_fn, params, state)
 
 
 # --- Flax NNX ---------------------------------------------------------------------------
@@ -329,8 +324,6 @@ def make_nnx_split_merge(size: Size) -> Row:
 def make_haiku(size: Size) -> Row:
     import haiku as hk
 
-    x, y = data(size)
-
     def forward(x, is_training):
         for _ in range(size.layers):
             x = hk.Linear(size.width)(x)
@@ -339,25 +332,13 @@ def make_haiku(size: Size) -> Row:
         return hk.Linear(CLASSES)(x)
 
     f = hk.transform_with_state(forward)
-    params, state = f.init(jax.random.key(0), x, True)
-    tx = optax.adam(LR)
+    params, state = f.init(jax.random.key(0), data(size)[0], True)
 
-    @jax.jit
-    def step(params, state, opt_state, key, x, y):
-        key, sub = jax.random.split(key)
+    def loss_fn(params, state, key, x, y):
+        logits, new_state = f.apply(params, state, key, x, True)
+        return xent(logits, y), new_state
 
-        def loss_fn(params):
-            logits, new_state = f.apply(params, state, sub, x, True)
-            return xent(logits, y), new_state
-
-        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), state, opt_state, key, loss
-
-    def run(params, state, opt_state, key, loss):
-        return step(params, state, opt_state, key, x, y)
-
-    return Row(run, (params, state, tx.init(params), jax.random.key(1), None), lambda c: c[-1])
+    return _functional_row(size, loss_fn, params, state)
 
 
 ROWS: dict[str, Callable[[Size], Row]] = {
