@@ -138,22 +138,16 @@ class _Memo:
     lists and dicts inside are mutable: a hit also checks they were not changed.
     """
 
-    __slots__ = ("_d", "checked")
+    __slots__ = ("_d",)
 
     def __init__(self) -> None:
         self._d: dict[int, tuple[weakref.ref, Any, int, tuple]] = {}
-        self.checked: tuple | None = None  # a snapshot found unchanged during this call
 
     def get(self, obj: Any) -> tuple[Any, int] | None:
         hit = self._d.get(id(obj))
-        if hit is None or hit[0]() is not obj:
-            return None
-        snap = hit[3]
-        if snap is not self.checked:
-            if not unchanged(snap):
-                return None
-            self.checked = snap  # the outputs of one call share one snapshot
-        return hit[1], hit[2]
+        if hit is not None and hit[0]() is obj and unchanged(hit[3]):
+            return hit[1], hit[2]
+        return None
 
     def put(self, obj: Any, leaves: Any, tok: int, snap: tuple) -> None:
         try:
@@ -256,7 +250,6 @@ class Jit:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         memo = self._memo
-        memo.checked = None
         if self._fn_is_tree:
             args = (self.fn, *args)
         leaves: list = []
@@ -286,18 +279,17 @@ class Jit:
                 out = entry.call(entry.keep(leaves), entry.give(leaves))
         merge = entry.merge
         full = out if merge is None else merge(out)
-        result, containers = entry.build(full)
-        if containers is None:  # rebuilt by JAX: contents unknown, nothing to memoise
+        result, groups = entry.build(full)
+        if groups is None:  # rebuilt by JAX: contents unknown, nothing to memoise
             return result
-        snap = snapshot(containers)
         parts = entry.out_parts
         if parts is None:
-            if entry.out_token != _ARRAY_TOKEN:
-                memo.put(result, full, entry.out_token, snap)
+            if entry.out_token != _ARRAY_TOKEN and groups[0] is not None:
+                memo.put(result, full, entry.out_token, snapshot(groups[0]))
         else:
-            for obj, (lo, hi, tok) in zip(result, parts):
-                if tok != _ARRAY_TOKEN:
-                    memo.put(obj, full[lo:hi], tok, snap)
+            for obj, (lo, hi, tok), group in zip(result, parts, groups):
+                if tok != _ARRAY_TOKEN and group is not None:
+                    memo.put(obj, full[lo:hi], tok, snapshot(group))
         return result
 
     def _build(self, key: tuple[int, ...]) -> _Entry:

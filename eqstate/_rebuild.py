@@ -119,25 +119,37 @@ class _Gen:
 
 
 def builder(out: Any, out_def: Any) -> Callable[[Any], tuple[Any, tuple | None]]:
-    """A function `leaves -> (output, containers)` for outputs like `out`.
+    """A function `leaves -> (output, groups)` for outputs like `out`.
 
-    `output` equals `out_def.unflatten(leaves)`; `containers` are the lists and dicts it
-    built (mutable, so a memo of the output's leaves must check them), or `None` when
-    JAX rebuilt the output and they are unknown.
+    `output` equals `out_def.unflatten(leaves)`. `groups` has one entry per element of a
+    tuple output (one in all for any other output): the lists and dicts built for that
+    element (mutable, so a memo of its leaves must check them), or `None` where JAX
+    rebuilt part of it and they are unknown. `groups` is `None` when JAX rebuilt it all.
     """
 
     def by_jax(leaves: Any) -> tuple[Any, None]:
         return out_def.unflatten(leaves), None
 
     gen = _Gen()
+    parts = list(out) if type(out) is tuple else [out]
+    exprs, groups, used = [], [], 0
     try:
-        expr, used = gen.node(out, 0)
+        for part in parts:
+            first, gen.opaque = len(gen.containers), False
+            expr, used = gen.node(part, used)
+            exprs.append(expr)
+            made = "".join(c + ", " for c in gen.containers[first:])
+            groups.append("None" if gen.opaque else f"({made})")
     except Exception:  # an unusual node: let JAX do it
         return by_jax
     if used != out_def.num_leaves:
         return by_jax
-    containers = "None" if gen.opaque else f"({''.join(c + ', ' for c in gen.containers)})"
-    src = "def build(L):\n" + "\n".join(gen.lines) + f"\n    return {expr}, {containers}\n"
+    result = f"({''.join(e + ', ' for e in exprs)})" if type(out) is tuple else exprs[0]
+    src = (
+        "def build(L):\n"
+        + "\n".join(gen.lines)
+        + f"\n    return {result}, ({''.join(g + ', ' for g in groups)})\n"
+    )
     namespace = {"new": object.__new__, "setattr_": object.__setattr__, **gen.consts}
     exec(compile(src, "<eqstate rebuild>", "exec"), namespace)
     build = namespace["build"]

@@ -18,21 +18,25 @@ from ._kinds import Kind, Param, field_kind
 class Plan:
     """What is known of one tree structure: its kinds and key paths, leaf by leaf."""
 
-    __slots__ = ("_example", "_paths", "kinds", "treedef")
+    __slots__ = ("_paths", "kinds", "treedef")
 
-    def __init__(self, treedef: PyTreeDef, kinds: tuple[type[Kind], ...], example):
+    def __init__(self, treedef: PyTreeDef, kinds: tuple[type[Kind], ...]):
         self.treedef = treedef
         self.kinds = kinds
         self._paths: tuple | None = None
-        self._example = example
 
     @property
     def paths(self) -> tuple:
         """Key paths of the leaves, as from `jax.tree_util.tree_flatten_with_path`."""
         if self._paths is None:
-            self._paths = tuple(p for p, _ in jtu.tree_flatten_with_path(self._example)[0])
-            self._example = None
+            # a skeleton of the structure: the cache holds no arrays of the user's
+            skeleton = self.treedef.unflatten([_Leaf()] * self.treedef.num_leaves)
+            self._paths = tuple(p for p, _ in jtu.tree_flatten_with_path(skeleton)[0])
         return self._paths
+
+
+class _Leaf:
+    """A stand-in leaf."""
 
 
 _PLANS: dict[PyTreeDef, Plan] = {}
@@ -80,7 +84,7 @@ def _make_plan(tree: Any, treedef: PyTreeDef, num_leaves: int) -> Plan:
             f"fields, but JAX flattens the tree into {num_leaves}. Please report this "
             "with the type of the tree."
         )
-    return Plan(treedef, tuple(kinds), tree)
+    return Plan(treedef, tuple(kinds))
 
 
 def kinds(tree: Any) -> list[type[Kind]]:

@@ -56,8 +56,8 @@ def test_builder_matches_unflatten(name):
     out = outputs()[name]
     leaves, treedef = jax.tree_util.tree_flatten(out)
     build = builder(out, treedef)
-    rebuilt, containers = build(leaves)
-    assert containers is not None  # every kind of node here is built by the generated code
+    rebuilt, groups = build(leaves)
+    assert groups is not None and None not in groups  # all built by the generated code
     reference = treedef.unflatten(leaves)
     assert jax.tree_util.tree_structure(rebuilt) == treedef
     assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(rebuilt), leaves, strict=True))
@@ -79,8 +79,8 @@ def test_builder_falls_back_to_unflatten_for_unknown_nodes():
     jax.tree_util.register_pytree_node(Odd, lambda o: ((o.x,), None), lambda _, c: Odd(*c))
     out = (Odd(jnp.ones(1)), eqx.nn.Identity())
     leaves, treedef = jax.tree_util.tree_flatten(out)
-    rebuilt, containers = builder(out, treedef)(leaves)
-    assert containers is None
+    rebuilt, groups = builder(out, treedef)(leaves)
+    assert groups == (None, ())  # the custom node's contents are unknown; Identity has none
     assert isinstance(rebuilt[0], Odd) and rebuilt[0].x is leaves[0]
     assert isinstance(rebuilt[1], eqx.nn.Identity)
 
@@ -109,3 +109,19 @@ def test_jit_sees_a_list_changed_in_place_between_calls():
     m.layers[0] = jnp.full(1, 10.0)  # not how Equinox models should change, but possible
     out = step(m)
     assert float(out.layers[0][0]) == 11.0 and float(out.layers[1][0]) == 2.0
+
+
+def test_jit_memo_checks_each_returned_element_on_its_own():
+    class Layers(eqstate.Module):
+        layers: list
+
+    def bump(m):
+        return Layers([x + 1 for x in m.layers])
+
+    step = eqstate.jit(lambda a, b: (bump(a), bump(b)))
+    a, b = step(Layers([jnp.zeros(1)]), Layers([jnp.zeros(1)]))
+    b.layers[0] = jnp.full(1, 10.0)
+    a2, b2 = step(a, b)
+    assert float(a2.layers[0][0]) == 2.0 and float(b2.layers[0][0]) == 11.0
+    del a2  # the other element's memo entry holds none of a2's containers
+    assert [float(x[0]) for x in step(b2, b2)[0].layers] == [12.0]
