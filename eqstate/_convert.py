@@ -13,12 +13,13 @@ def is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _is_array_like(x: Any) -> bool:
+def is_array_like(x: Any) -> bool:
+    """Whether `x` is an array or a Python/NumPy scalar (what a State field converts)."""
     return isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))
 
 
 def _strong(x: Any) -> Any:
-    if not _is_array_like(x) or is_key(x):
+    if not is_array_like(x) or is_key(x):
         return x
     if isinstance(x, jax.Array) and not x.weak_type:
         return x
@@ -33,7 +34,7 @@ def to_strong(value: Any) -> Any:
     JAX's default dtype for them (`0` -> int32, `0.0` -> float32 without x64). Typed
     PRNG keys, strongly typed arrays and non-array leaves are returned unchanged.
     """
-    if _is_array_like(value):
+    if is_array_like(value):
         return _strong(value)
     return jax.tree_util.tree_map(_strong, value)
 

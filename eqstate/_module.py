@@ -13,7 +13,7 @@ import jax.tree_util as jtu
 import numpy as np
 from typing_extensions import dataclass_transform
 
-from ._convert import cast_like, is_key, to_strong
+from ._convert import cast_like, is_array_like, is_key, to_strong
 from ._filters import Filter, check_same_structure, combine, filter as filter_
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, State, field, field_kind
 
@@ -83,6 +83,11 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
 _FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
 
 
+def _not_a_field(cls: type, name: str) -> str:
+    fields = ", ".join(_fields(cls)) or "(none)"
+    return _MSG_NOT_A_FIELD.format(cls=cls.__name__, name=name, fields=fields)
+
+
 def _checked(obj: "Module", name: str, value: Any) -> Any:
     """`value` made fit to be stored in field `name` of the draft `obj`, or an error."""
     cls = type(obj)
@@ -90,11 +95,7 @@ def _checked(obj: "Module", name: str, value: Any) -> Any:
     try:
         f = fields[name]
     except KeyError:
-        raise AttributeError(
-            _MSG_NOT_A_FIELD.format(
-                cls=cls.__name__, name=name, fields=", ".join(fields) or "(none)"
-            )
-        ) from None
+        raise AttributeError(_not_a_field(cls, name)) from None
     if f.metadata.get("static", False):
         return value
     old = vars(obj).get(name)
@@ -128,7 +129,7 @@ def _no_grad(x: Any) -> Any:
 
 def _fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     """`value` with `old`'s dtype (a key stays a key), checked for `old`'s shape."""
-    if not isinstance(value, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+    if not is_array_like(value):
         return value
     if is_key(old) or is_key(value):
         if getattr(value, "dtype", None) != old.dtype:
@@ -180,11 +181,8 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
                 super().__setattr__(name, value)
             except dataclasses.FrozenInstanceError:
                 cls = type(self)
-                fields = _fields(cls)
-                if name not in fields:  # also in `__init__`
-                    msg = _MSG_NOT_A_FIELD.format(
-                        cls=cls.__name__, name=name, fields=", ".join(fields) or "(none)"
-                    )
+                if name not in _fields(cls):  # also in `__init__`
+                    msg = _not_a_field(cls, name)
                 else:
                     msg = _MSG_FROZEN.format(name=name, cls=cls.__name__)
                 raise dataclasses.FrozenInstanceError(msg) from None
