@@ -304,12 +304,11 @@ class Jit:
         dyn_pos = keep_pos + give_pos
 
         def traced(keep: tuple, give: tuple) -> list[Any]:
-            dyn = (*keep, *give)
-            owner._count_trace(key, dyn_pos, dyn)
             full = list(static)
-            for i, x in zip(dyn_pos, dyn):
+            for i, x in zip(dyn_pos, (*keep, *give)):
                 full[i] = x
             args, kwargs = _rebuild(full, defs, sizes, k_def)
+            owner._count_trace(args[1:] if fn_is_tree else args, kwargs)
             out = fn(*args, **kwargs) if not fn_is_tree else args[0](*args[1:], **kwargs)
             out_leaves, out_def = jtu.tree_flatten(out)
             flags = [_is_array[type(x)] for x in out_leaves]
@@ -333,15 +332,17 @@ class Jit:
             return 0
         return sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
 
-    def _count_trace(self, key: tuple[int, ...], dyn_pos: list[int], dyn: tuple) -> None:
-        defs, k_def, static = _unpack(key)
-        full = list(static)
-        for i, x in zip(dyn_pos, dyn):
-            full[i] = jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
-        args, kwargs = _rebuild(full, defs, [d.num_leaves for d in defs], k_def)
-        if self._fn_is_tree:  # name arguments as the caller passed them
-            args = args[1:]
-        skeleton = (args, kwargs)
+    def _count_trace(self, args: tuple, kwargs: dict) -> None:
+        """Count a trace of the call `(args, kwargs)` (as the caller passed them), say
+        what changed since the last one, and enforce `max_traces`."""
+        skeleton = jtu.tree_map(
+            lambda x: (
+                jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
+                if _is_array[type(x)]
+                else x
+            ),
+            (args, kwargs),
+        )
         self.traces += 1
         if self._last is not None:
             self.retrace_reasons.append(_explain(self._last, skeleton))
