@@ -222,7 +222,11 @@ def combine(*trees: Any) -> Any:
     """
     if not trees:
         raise TypeError("eqstate.combine needs at least one tree.")
-    flat = check_same_structure(trees, "eqstate.combine", lambda i: f"tree {i}")
+    return merge(check_same_structure(trees, "eqstate.combine", lambda i: f"tree {i}"))
+
+
+def merge(flat: list) -> Any:
+    """Combine trees already flattened by `check_same_structure`: first non-`None` wins."""
     columns = zip(*(leaves for leaves, _ in flat))
     merged = [next((x for x in col if x is not None), None) for col in columns]
     return flat[0][1].unflatten(merged)

@@ -14,7 +14,7 @@ import numpy as np
 from typing_extensions import dataclass_transform
 
 from ._convert import cast_like, is_array_like, is_key, to_strong
-from ._filters import Filter, check_same_structure, combine, filter as filter_
+from ._filters import Filter, check_same_structure, filter as filter_, merge
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, State, field, field_kind
 
 
@@ -221,12 +221,12 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
         """
         if not trees:
             return self
-        check_same_structure(
+        flat = check_same_structure(
             (self, *trees),
             f"{type(self).__name__}.update",
             lambda i: "the model" if i == 0 else f"tree {i - 1}",
         )
-        return combine(*trees, self)
+        return merge([*flat[1:], flat[0]])  # the trees' leaves win over the model's
 
 
 def _draft(obj: _M) -> _M:
