@@ -5,7 +5,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.lax.lax import _convert_element_type  # keeps weak types; no public twin
 
 
 def is_key(x: Any) -> bool:
@@ -44,4 +43,17 @@ def cast_like(value: Any, old: jax.Array | np.ndarray) -> jax.Array:
     weak = getattr(old, "weak_type", False)
     if isinstance(value, jax.Array) and value.dtype == old.dtype and value.weak_type == weak:
         return value
-    return _convert_element_type(value, old.dtype, weak_type=weak)  # pyright: ignore[reportReturnType]
+    if not weak:
+        return jax.lax.convert_element_type(value, old.dtype)
+    return _weak(jnp.asarray(value), old)
+
+
+def _weak(value: jax.Array, old: Any) -> jax.Array:
+    """`value` converted to `old`'s dtype, weakly typed like `old`.
+
+    JAX has no public cast to a weak type, but `lax.full_like` keeps the weak type of its
+    example array. Mapped over the elements it lowers to a single weak
+    `convert_element_type` of the whole array, with no copy or scatter.
+    """
+    fill = jax.vmap(lambda v: jax.lax.full_like(old, v, shape=()))
+    return fill(value.reshape(-1)).reshape(value.shape)
