@@ -14,7 +14,12 @@ from ._kinds import (
     field as field,
 )
 from ._mode import eval as eval, train as train
-from ._module import Module as Module, mutating as mutating
+from ._module import (
+    Module as Module,
+    discard as discard,
+    mutating as mutating,
+    update as update,
+)
 from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
 from ._rng import next_key as next_key

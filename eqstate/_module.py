@@ -8,14 +8,17 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from typing_extensions import dataclass_transform
 
-from ._convert import cast_like, is_array_like, is_key, to_strong
+from . import _draft
+from ._checks import check_static, fit_tree, is_array
+from ._convert import is_key, to_strong
+from ._draft import Frame, drafts, thaw
 from ._filters import Filter, check_same_structure, filter as filter_, merge
-from ._kinds import FIXED_SHAPE_KEY, Kind, Param, State, field, field_kind
+from ._kinds import FIXED_SHAPE_KEY, Kind, Param, Rng, State, field, field_kind
+from ._resolve import plan
 
 
 _P = ParamSpec("_P")
@@ -33,43 +36,73 @@ _MSG_FROZEN = (
     "`eqx.tree_at`. A child's fields change through the child's own mutating method: "
     "`y, self.child = self.child(x)`."
 )
-_MSG_SHAPE = (
-    "{where} has shape {old} but was assigned a value of shape {new}. An array "
-    "field keeps its shape inside `@eqstate.mutating` methods (a new shape would "
-    "recompile a jitted step). If this state's shape legitimately changes, declare it "
-    "with `fixed_shape=False`."
+_MSG_SHADOWS = (
+    "{cls}.{name}: a field named '{name}' would hide the method `Module.{name}` of "
+    "eqstate.Module. Rename the field (e.g. '{name}_')."
 )
-_MSG_KEY = (
-    "{where} holds a PRNG key of dtype {old} but was assigned a value of dtype {new}. "
-    "Assign a key of the same kind, e.g. `key, self.key = jax.random.split(self.key)` "
-    "or `key = eqstate.next_key(self)`."
+_MSG_RNG = (
+    "{cls}.{name} is an `Rng` field but holds {value!r} of type {type}, not a PRNG key. "
+    "Pass a key, e.g. `jax.random.key(0)` (or `jax.random.PRNGKey(0)`), or "
+    "`default_factory=lambda: jax.random.key(0)` in its declaration."
+)
+_MSG_DROPPED = (
+    "{cls}.{method} dropped an update: `{callee}(...)` returned a new {child} whose "
+    "state changed ({changed}), but that new {child} is neither in the model the method "
+    "returns nor in its result, so the change would be lost. Assign it back, e.g. "
+    "`y, {callee} = {callee}(x)`. To discard it on purpose, call the layer in inference "
+    "mode or pass the new module to `eqstate.discard(...)`."
+)
+_MSG_UPDATE_LEAF = (
+    "{where}: tree {i} has {new} at {path}, where the model has {old}. The trees put "
+    "back must hold leaves of the model's shapes and dtypes, as `parameters()`, "
+    "`states()` and `eqstate.partition` of this model give."
 )
 
-
-class _Drafts:
-    """The objects a mutating method is currently allowed to assign to (by identity)."""
-
-    __slots__ = ("_objs",)
-
-    def __init__(self) -> None:
-        self._objs: dict[int, Any] = {}
-
-    def __contains__(self, obj: object) -> bool:
-        return id(obj) in self._objs
-
-    def add(self, obj: object) -> None:
-        self._objs[id(obj)] = obj
-
-    def remove(self, obj: object) -> None:
-        del self._objs[id(obj)]
-
-
-_drafts = _Drafts()
+_METHODS = frozenset({"filter", "parameters", "states", "update"})
 
 
 @dataclass_transform(field_specifiers=(dataclasses.field, eqx.field, field, Kind.field))
 class _ModuleMeta(type(eqx.Module)):
-    pass
+    def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any):
+        cls = super().__new__(mcs, name, bases, namespace, **kwargs)
+        for f in dataclasses.fields(cls):
+            if f.name in _METHODS:
+                raise TypeError(_MSG_SHADOWS.format(cls=name, name=f.name))
+        return cls
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj = super().__call__(*args, **kwargs)
+        for name in _rng_fields(cls):
+            value = vars(obj).get(name)
+            if value is not None and not _is_key_like(value):
+                raise TypeError(
+                    _MSG_RNG.format(
+                        cls=cls.__name__, name=name, value=value, type=type(value).__name__
+                    )
+                )
+        return obj
+
+
+def _rng_fields(cls: type) -> tuple[str, ...]:
+    try:
+        return _RNG_FIELDS[cls]
+    except KeyError:
+        out = _RNG_FIELDS[cls] = tuple(
+            n
+            for n, f in _fields(cls).items()
+            if not f.metadata.get("static", False) and issubclass(field_kind(f) or Kind, Rng)
+        )
+        return out
+
+
+_RNG_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _is_key_like(x: Any) -> bool:
+    """A typed key, or a raw `uint32` key array (`jax.random.PRNGKey`)."""
+    if isinstance(x, jax.ShapeDtypeStruct) or is_key(x):
+        return True
+    return is_array(x) and x.dtype == np.uint32 and x.ndim >= 1
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -91,55 +124,23 @@ def _not_a_field(cls: type, name: str) -> str:
 def _checked(obj: "Module", name: str, value: Any) -> Any:
     """`value` made fit to be stored in field `name` of the draft `obj`, or an error."""
     cls = type(obj)
-    fields = _fields(cls)
     try:
-        f = fields[name]
+        f = _fields(cls)[name]
     except KeyError:
         raise AttributeError(_not_a_field(cls, name)) from None
-    if f.metadata.get("static", False):
-        return value
-    old = vars(obj).get(name)
     where = f"{cls.__name__}.{name}"
-    fixed = f.metadata.get(FIXED_SHAPE_KEY, True)
-    if _is_array(old):
-        value = _fit(value, old, where, fixed)
-    elif old is not None and jtu.tree_structure(value) == jtu.tree_structure(old):
-        # a container or child module: its arrays keep their dtypes; their shapes are the
-        # business of the fields that hold them (a child's own `fixed_shape`)
-        value = jtu.tree_map_with_path(
-            lambda path, new, prev: (
-                _fit(new, prev, where + jtu.keystr(path), False) if _is_array(prev) else new
-            ),
-            value,
-            old,
-        )
+    if f.metadata.get("static", False):
+        check_static(value, where)
+        return value
+    value = fit_tree(value, vars(obj).get(name), where, f.metadata.get(FIXED_SHAPE_KEY, True))
     kind = field_kind(f)
     if kind is not None and issubclass(kind, State):
         value = jtu.tree_map(_no_grad, to_strong(value))
     return value
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray))
-
-
 def _no_grad(x: Any) -> Any:
     return jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
-
-
-def _fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
-    """`value` with `old`'s dtype (a key stays a key), checked for `old`'s shape."""
-    if not is_array_like(value):
-        return value
-    if is_key(old) or is_key(value):
-        if getattr(value, "dtype", None) != old.dtype:
-            new = getattr(value, "dtype", type(value).__name__)
-            raise TypeError(_MSG_KEY.format(where=where, old=old.dtype, new=new))
-    else:
-        value = cast_like(value, old)
-    if fixed_shape and jnp.shape(value) != old.shape:
-        raise ValueError(_MSG_SHAPE.format(where=where, old=old.shape, new=jnp.shape(value)))
-    return value
 
 
 class Module(eqx.Module, metaclass=_ModuleMeta):
@@ -174,7 +175,7 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
     if not TYPE_CHECKING:
 
         def __setattr__(self, name: str, value: Any) -> None:
-            if self in _drafts:
+            if self in drafts:
                 object.__setattr__(self, name, _checked(self, name, value))
                 return
             try:
@@ -210,7 +211,9 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
 
         **Returns:**
 
-        A new model of the same class; `self` is unchanged.
+        A new model of the same class; `self` is unchanged. `eqstate.update(model,
+        *trees)` does the same for any module, including those whose own `update`
+        method does something else (`Optimizer`, `EMA`, metrics).
 
         !!! example
 
@@ -219,20 +222,109 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
             model = model.update(params)
             ```
         """
-        if not trees:
-            return self
-        flat = check_same_structure(
-            (self, *trees),
-            f"{type(self).__name__}.update",
-            lambda i: "the model" if i == 0 else f"tree {i - 1}",
-        )
-        return merge([*flat[1:], flat[0]])  # the trees' leaves win over the model's
+        return _update(self, trees, f"{type(self).__name__}.update")
 
 
-def _draft(obj: _M) -> _M:
-    new = object.__new__(type(obj))
-    vars(new).update(vars(obj))
-    return new
+_T = TypeVar("_T")
+
+
+def update(model: _T, *trees: Any) -> _T:
+    """Put the non-`None` leaves of `trees` into `model`: a new model, `model` unchanged.
+
+    The free-function form of `Module.update`; it works on every module, including
+    those whose own `update` method means something else (`eqstate.Optimizer`,
+    `eqstate.nn.EMA`, metrics), and on any pytree.
+
+    **Arguments:**
+
+    - `model`: the model (any pytree) to put leaves into.
+    - `*trees`: pytrees of `model`'s structure with `None` where nothing changes, as
+        `eqstate.filter` / `eqstate.partition` / `model.states()` give. Where several
+        trees hold a leaf, the first wins. Each leaf put in place of an array must have
+        its shape (unless its field is declared `fixed_shape=False`) and dtype.
+
+    !!! example
+
+        ```python
+        ema = eqstate.update(ema, loaded_states)
+        ```
+    """
+    return _update(model, trees, "eqstate.update")
+
+
+def _update(model: _T, trees: tuple, where: str) -> _T:
+    if not trees:
+        return model
+    flat = check_same_structure(
+        (model, *trees), where, lambda i: "the model" if i == 0 else f"tree {i - 1}"
+    )
+    olds = flat[0][0]
+    for i, (leaves, _) in enumerate(flat[1:]):
+        for j, (new, old) in enumerate(zip(leaves, olds)):
+            if new is None or new is old or not is_array(old):
+                continue
+            shape, dtype = getattr(new, "shape", None), getattr(new, "dtype", None)
+            if dtype == old.dtype and (shape == old.shape or not _fixed_at(model, j)):
+                continue
+            path = jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][j][0]
+            desc = f"an array {dtype}{list(shape)}" if shape is not None else repr(new)
+            raise ValueError(
+                _MSG_UPDATE_LEAF.format(
+                    where=where,
+                    i=i,
+                    new=desc,
+                    path=jtu.keystr(path),
+                    old=f"{old.dtype}{list(old.shape)}",
+                )
+            )
+    return merge([*flat[1:], flat[0]])  # the trees' leaves win over the model's
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _fixed_at(model: Any, index: int) -> bool:
+    """Whether the leaf at `index` (`None` counted as a leaf) keeps a fixed shape."""
+    path = jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][index][0]
+    node, fixed = model, True
+    for key in path:
+        if isinstance(key, jtu.GetAttrKey):
+            f = _fields(type(node)).get(key.name) if dataclasses.is_dataclass(node) else None
+            if f is not None:
+                fixed = f.metadata.get(FIXED_SHAPE_KEY, fixed)
+            node = getattr(node, key.name)
+        elif isinstance(key, jtu.SequenceKey):
+            node = node[key.idx]
+        elif isinstance(key, jtu.DictKey):
+            node = node[key.key]
+        else:
+            break
+    return fixed
+
+
+def discard(*models: Any) -> None:
+    """Say that the new modules returned by children's mutating calls are dropped on
+    purpose.
+
+    Inside a `@eqstate.mutating` method, a child's new module whose state changed must
+    reach the returned model (or the result), or the call raises: the update would be
+    lost. `eqstate.discard(new_child)` lets it go.
+
+    !!! example
+
+        ```python
+        @eqstate.mutating
+        def probe(self, x):
+            y, new_bn = self.bn(x)  # batch statistics, without keeping them
+            eqstate.discard(new_bn)
+            return y
+        ```
+    """
+    frame = _draft.current()
+    if frame is not None:
+        for m in models:
+            frame.pending.pop(id(m), None)
 
 
 def mutating(
@@ -240,13 +332,21 @@ def mutating(
 ) -> Callable[Concatenate[_M, _P], tuple[_R, _M]]:
     """Let a method assign to its module's fields; calling it returns `(result, new)`.
 
-    Inside the method, `self` is a fresh copy that accepts assignments to its declared
-    fields (`self.count += 1`). Arrays keep their field's dtype and shape. The caller's
-    module is never modified; if the method raises, nothing is kept.
+    Inside the method, `self` is a private copy: the module and every list, dict, set
+    and NumPy array reachable from it (children's included) are copied, so nothing the
+    method does reaches the caller's module, whether it returns or raises, in any
+    thread, under any JAX transformation. Assignments are checked: an array keeps its
+    field's shape (unless `fixed_shape=False`) and dtype (values are cast, but a cast
+    that would lose information, such as float to int, raises), a key stays a key, a
+    static field never holds an array. Items set into lists and dicts
+    (`self.layers[i] = ...`) get the same checks when the method returns; `append`,
+    `pop` and `del` work on the copy.
 
     A child's mutating method returns `(result, new_child)`; assign it back:
-    `x, self.bn = self.bn(x)`. Calling another mutating method on `self` from inside
-    one changes the same copy.
+    `x, self.bn = self.bn(x)`. A new child whose state changed but that reaches neither
+    the returned model nor the result raises (the update would be lost); see
+    `eqstate.discard`. Calling another mutating method on `self` changes the same copy;
+    if it raises, its changes are undone.
 
     Works under `jax.jit`, `eqx.filter_jit`, `jax.vmap`, `jax.grad` and `lax.scan`, as a
     pure function of the module.
@@ -275,18 +375,117 @@ def mutating(
                 f"@eqstate.mutating method {method.__qualname__} was called on a "
                 f"{type(self).__name__}; it works on subclasses of eqstate.Module only."
             )
-        if self in _drafts:  # nested call on the same copy
-            return method(self, *args, **kwargs), self
-        new = _draft(self)
-        _drafts.add(new)
+        if self in drafts:  # a nested call on the same copy
+            return _call_on_draft(method, self, args, kwargs), self
+        owned: dict[int, Any] = {id(self): self}
+        memo: dict[int, Any] = {}
+        new = object.__new__(type(self))
+        vars(new).update({k: thaw(v, memo, owned) for k, v in vars(self).items()})
+        owned[id(new)] = new
+        frame = Frame(new, self, owned, (args, kwargs))
+        _draft.push(frame)
         try:
             result = method(new, *args, **kwargs)
+            new = _settle(frame, method, result)
         finally:
-            _drafts.remove(new)
+            _draft.pop(frame)
+        parent = _draft.current()
+        if parent is not None:
+            _track(parent, self, new)
         return result, new
 
     _advertise_pair_return(wrapper, method)
     return wrapper
+
+
+def _call_on_draft(method: Callable, draft: Any, args: tuple, kwargs: dict) -> Any:
+    """Run `method` on a draft already being mutated; undo its changes if it raises."""
+    saved = {k: thaw(v, {}) for k, v in vars(draft).items()}
+    frame = _draft.frame_of(draft)
+    pending = dict(frame.pending) if frame is not None else None
+    try:
+        return method(draft, *args, **kwargs)
+    except BaseException:
+        values = vars(draft)
+        values.clear()
+        values.update(saved)
+        if frame is not None and pending is not None:
+            frame.pending = pending
+        raise
+
+
+def _settle(frame: Frame, method: Callable, result: Any) -> Any:
+    """The draft, checked once the method has returned: items set into its containers
+    and children's updates that went missing."""
+    draft, original = frame.draft, frame.original
+    cls = type(original)
+    values, old_values = vars(draft), vars(original)
+    changed = {}
+    for name, f in _fields(cls).items():
+        v, o = values.get(name), old_values.get(name)
+        if v is o or f.metadata.get("static", False):
+            continue
+        new = fit_tree(v, o, f"{cls.__name__}.{name}", f.metadata.get(FIXED_SHAPE_KEY, True))
+        if new is not v:
+            changed[name] = new
+    if changed:
+        values.update(changed)
+    if frame.pending:
+        _check_dropped(frame, method, result)
+    return draft
+
+
+def _track(parent: Frame, callee: Any, new: Any) -> None:
+    """Record, in the enclosing call, a child's new module whose state changed."""
+    if parent.owned.get(id(callee)) is not callee or not _draft.same_trace(parent):
+        return  # not one of the parent's children, or inside a vmap/scan body
+    old_leaves, p = plan(callee)
+    new_leaves, q = plan(new)
+    if p.treedef == q.treedef:
+        changed = [
+            (i, x)
+            for i, (x, y, kind) in enumerate(zip(new_leaves, old_leaves, q.kinds))
+            if x is not y and issubclass(kind, State)
+        ]
+    else:
+        old_ids = {id(y) for y in old_leaves}
+        changed = [
+            (i, x)
+            for i, (x, kind) in enumerate(zip(new_leaves, q.kinds))
+            if id(x) not in old_ids and issubclass(kind, State)
+        ]
+    root = parent.pending.pop(id(callee), None)
+    parent.owned[id(new)] = new
+    if changed:
+        origin = callee if root is None else root[1]
+        parent.pending[id(new)] = (new, origin, [(q.paths[i], x) for i, x in changed])
+
+
+def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
+    reachable = {id(x) for x in jtu.tree_leaves((frame.draft, result))}
+    for new, origin, changed in frame.pending.values():
+        if any(id(x) in reachable for _, x in changed):
+            continue
+        paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _ in changed[:4])
+        raise RuntimeError(
+            _MSG_DROPPED.format(
+                cls=type(frame.original).__name__,
+                method=method.__name__,
+                callee=_path_of(frame.original, origin),
+                child=type(new).__name__,
+                changed=paths + (", ..." if len(changed) > 4 else ""),
+            )
+        )
+
+
+def _path_of(root: Any, target: Any) -> str:
+    """How `self` reaches `target` (`self.bn`, `self.norms[0]`), as far as can be told."""
+    found = [
+        p
+        for p, x in jtu.tree_flatten_with_path(root, is_leaf=lambda x: x is target)[0]
+        if x is target
+    ]
+    return "self" + jtu.keystr(found[0]) if found else "self.<child>"
 
 
 def _advertise_pair_return(wrapper: Callable, method: Callable) -> None:

@@ -5,8 +5,9 @@ from typing import Any
 
 import jax
 
+from ._draft import drafts, frame_of, per_example
 from ._kinds import Rng, field_kind
-from ._module import Module, _drafts, _fields
+from ._module import Module, _fields
 
 
 _MSG_NOT_DRAFT = (
@@ -18,6 +19,13 @@ _MSG_WHICH = (
     "eqstate.next_key could not choose a key field of {cls}: it has {found}. Pass the "
     "field's name, e.g. `eqstate.next_key(self, {example!r})`, or declare exactly one "
     "field with `eqstate.Rng.field()`."
+)
+_MSG_PER_EXAMPLE = (
+    "eqstate.next_key({cls}) was called per example (under jax.vmap, with the {cls} "
+    "itself not mapped) without `axis_name`: every example would draw the same random "
+    "numbers, and jax.vmap would give the returned model's key a batch axis. Call the "
+    "model on the whole batch instead, `y, model = model(x)` (eqstate's layers take "
+    "batched input), or pass the vmapped axis: `eqstate.next_key(self, axis_name=...)`."
 )
 
 
@@ -62,7 +70,7 @@ def next_key(
         ```
     """
     cls = type(module)
-    if module not in _drafts:
+    if module not in drafts:
         raise RuntimeError(_MSG_NOT_DRAFT.format(cls=cls.__name__))
     if name is None:
         name = _rng_field(cls)
@@ -70,6 +78,10 @@ def next_key(
     new_key, subkey = jax.random.split(key)
     setattr(module, name, new_key)
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if axis_name is None:
+        frame = frame_of(module)
+        if frame is not None and per_example(frame):
+            raise ValueError(_MSG_PER_EXAMPLE.format(cls=cls.__name__))
     for n in names if axis_name is not None else ():
         subkey = jax.random.fold_in(subkey, jax.lax.axis_index(n))
     return subkey
