@@ -128,10 +128,10 @@ def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     """`value`, checked against `old` leaf by leaf where their structures meet.
 
     Arrays go through `fit`; modules are checked field by field (each field's own
-    `fixed_shape`, static fields never holding arrays); lists, tuples and dicts item
-    by item where both have the item. New items, and values whose type differs from
-    `old`'s (other than arrays), are taken as they are. Returns `value` itself when
-    nothing needed a cast.
+    `fixed_shape`, static fields never holding arrays); lists and tuples of the same
+    length item by item, dicts key by key. Lists that grew or shrank, new keys, and
+    values whose type differs from `old`'s (other than arrays) are taken as they are.
+    Returns `value` itself when nothing needed a cast.
     """
     if value is old:
         return value
@@ -143,12 +143,13 @@ def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     if isinstance(old, eqx.Module):
         return _fit_module(value, old, where, fixed_shape)
     if isinstance(old, (list, tuple)):
+        if len(value) != len(old):
+            return value  # grown or shrunk: a new structure, as a new list would be
         items = [
             fit_tree(v, o, f"{where}[{i}]", fixed_shape) for i, (v, o) in enumerate(zip(value, old))
         ]
         if all(a is b for a, b in zip(items, value)):
             return value
-        items += list(value[len(old) :])
         if t is list or t is tuple:
             return t(items)
         if hasattr(t, "_fields"):

@@ -47,8 +47,9 @@ _MSG_RNG = (
 )
 _MSG_DROPPED = (
     "{cls}.{method} dropped an update: `{callee}(...)` returned a new {child} whose "
-    "state changed ({changed}), but that new {child} is neither in the model the method "
-    "returns nor in its result, so the change would be lost. Assign it back, e.g. "
+    "state changed ({changed}), but the returned model still holds the old {child} and "
+    "the new one is not in the result either, so the change would be lost. Assign it "
+    "back, e.g. "
     "`y, {callee} = {callee}(x)`. To discard it on purpose, call the layer in inference "
     "mode or pass the new module to `eqstate.discard(...)`."
 )
@@ -462,30 +463,32 @@ def _track(parent: Frame, callee: Any, new: Any) -> None:
 
 
 def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
+    """Raise if a child's update went missing while the old child is still in place."""
     reachable = {id(x) for x in jtu.tree_leaves((frame.draft, result))}
     for new, origin, changed in frame.pending.values():
         if any(id(x) in reachable for _, x in changed):
             continue
+        where = _path_of(frame.draft, origin)
+        if where is None:
+            continue  # the child was replaced or removed on purpose
         paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _ in changed[:4])
         raise RuntimeError(
             _MSG_DROPPED.format(
                 cls=type(frame.original).__name__,
                 method=method.__name__,
-                callee=_path_of(frame.original, origin),
+                callee=where,
                 child=type(new).__name__,
                 changed=paths + (", ..." if len(changed) > 4 else ""),
             )
         )
 
 
-def _path_of(root: Any, target: Any) -> str:
-    """How `self` reaches `target` (`self.bn`, `self.norms[0]`), as far as can be told."""
-    found = [
-        p
-        for p, x in jtu.tree_flatten_with_path(root, is_leaf=lambda x: x is target)[0]
-        if x is target
-    ]
-    return "self" + jtu.keystr(found[0]) if found else "self.<child>"
+def _path_of(root: Any, target: Any) -> str | None:
+    """How `self` reaches `target` (`self.bn`, `self.norms[0]`), or `None`."""
+    for p, x in jtu.tree_flatten_with_path(root, is_leaf=lambda x: x is target)[0]:
+        if x is target:
+            return "self" + jtu.keystr(p)
+    return None
 
 
 def _advertise_pair_return(wrapper: Callable, method: Callable) -> None:
