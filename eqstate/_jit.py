@@ -4,18 +4,25 @@ Per call, for each argument: its leaves and a small-integer token for its struct
 static part (from a memo of the objects the last call returned, or else one C++
 `tree_flatten` and one pass over the leaves); then one dict lookup keyed by the tokens,
 the compiled call on the traced leaves, and a generated function that rebuilds the
-outputs. Everything else (which leaves are traced, the static part, the output
-structure, donation) is worked out once per cache key, when JAX traces.
+outputs. Which leaves are traced, the static part and donation are worked out once per
+cache key; how to rebuild the outputs once per trace. JAX traces one cache key again for
+new shapes or dtypes, and each trace's outputs may differ in structure and static values,
+so the compiled call returns its trace's rebuild plan (an `_Out`: a pytree node without
+leaves) next to the traced outputs: a call is rebuilt by the trace that served it, from
+any thread, at no cost beyond one C++ unflatten.
 """
 
 import functools as ft
+import inspect
+import itertools
 import operator
+import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
-import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
@@ -26,6 +33,15 @@ from ._rebuild import builder, snapshot, unchanged
 
 
 _Donate = Literal["all", "all-except-first", "none"]
+
+_MAX_ENTRIES = 128  # compiled cache keys kept per `Jit`; the least recently used go first
+_WARN_TRACES = 8  # without `max_traces`, warn once when a `Jit` traces more often
+_MAX_REASONS = 100  # retrace reasons kept per `Jit`
+
+
+class RetraceWarning(UserWarning):
+    """An `eqstate.jit` function keeps compiling again: its calls keep changing a shape,
+    a dtype or a static (non-array) value."""
 
 
 class _Dyn:
@@ -40,27 +56,60 @@ class _Dyn:
 _DYN = _Dyn()
 
 
-class _IsArray(dict):
-    """`type -> bool`: whether leaves of that type are traced (as `eqx.is_array`)."""
+class _Kind(dict):
+    """`type -> marker` for a leaf: `_DYN` if it is traced (as `eqx.is_array`), the type
+    itself for numbers and strings (whose values compare equal across types: `1 == 1.0
+    == True`, so the cache key holds them with their type), else `None`."""
 
-    def __missing__(self, t: type) -> bool:
-        value = issubclass(t, (np.ndarray, np.generic, Tracer, jax.Array))
+    def __missing__(self, t: type) -> Any:
+        if issubclass(t, (np.ndarray, np.generic, Tracer, jax.Array)):
+            value = _DYN
+        elif issubclass(t, (bool, int, float, complex, str, bytes)):
+            value = t
+        else:
+            value = None
         self[t] = value
         return value
 
 
-_is_array = _IsArray()
+_KIND = _Kind()
+
+
+def _is_array(x: Any) -> bool:
+    return _KIND[type(x)] is _DYN
+
+
+def _key_static(leaves: list) -> tuple:
+    """The static part of some leaves as a cache key: `_DYN` for each traced leaf."""
+    kind = _KIND
+    return tuple(
+        [_DYN if (k := kind[type(x)]) is _DYN else (x if k is None else (k, x)) for x in leaves]
+    )
+
 
 _MSG_UNHASHABLE = (
     "eqstate.jit: {path} is a non-array leaf of type {type} that is not hashable. "
     "Non-array leaves are static: they are part of the compilation cache key, as under "
-    "eqx.filter_jit. Make it an array, make it hashable, or declare its field with "
-    "`eqx.field(static=True)`."
+    "eqx.filter_jit. Make it an array (`jnp.asarray`) or a hashable value (a tuple "
+    "instead of a list, a frozen dataclass, ...)."
+)
+_MSG_UNHASHABLE_NODE = (
+    "eqstate.jit: the structure of {path} is not hashable ({error}). A static field "
+    "(`eqx.field(static=True)`) or a custom pytree node's auxiliary data holds an "
+    "unhashable value; it is part of the compilation cache key, as under eqx.filter_jit. "
+    "Make that value hashable (a tuple instead of a list, a frozen dataclass, ...)."
 )
 _MSG_MAX_TRACES = (
     "eqstate.jit({name}) traced {n} times, more than max_traces={limit}. {reason} "
     "Each trace compiles again; keep shapes, dtypes and non-array values fixed between "
     "calls (a Python int or bool leaf that changes every step is a common cause)."
+)
+_MSG_RETRACES = (
+    "eqstate.jit({name}) has traced {n} times: each trace compiles again. The latest "
+    "retrace: {reason} Pass Python numbers that change between calls as arrays "
+    "(`jnp.asarray(x)`), keep shapes fixed (pad or drop a short last batch), or pass "
+    "`max_traces=` the number of traces you expect (this warning then becomes an error "
+    "past that number)."
 )
 
 
@@ -79,18 +128,33 @@ def _leaf(x: Any) -> str:
     return f"an array {_fmt(x)}" if isinstance(x, jax.ShapeDtypeStruct) else repr(x)
 
 
+def _same(x: Any, y: Any) -> bool:
+    try:
+        return x is y or (type(x) is type(y) and bool(x == y))
+    except Exception:
+        return False
+
+
 def _explain(old: Any, new: Any) -> str:
-    """Name the first argument path where two skeletons differ."""
+    """Name the first argument path where two skeletons differ, and how."""
     where = first_mismatch(old, new, where=_argpath, leaf=_leaf)
     if where is not None:
         return f"The structure of the arguments changed {where}."
     a, _ = jtu.tree_flatten_with_path(old)
     b = jtu.tree_leaves(new)
     for (path, x), y in zip(a, b):
-        if not (x is y or (type(x) is type(y) and x == y)):
-            what = "shape/dtype" if isinstance(y, jax.ShapeDtypeStruct) else "static value"
-            name = _argpath(path)
-            return f"The {what} of {name} changed from {_fmt(x)} to {_fmt(y)}."
+        if _same(x, y):
+            continue
+        name = _argpath(path)
+        x_array = isinstance(x, jax.ShapeDtypeStruct)
+        y_array = isinstance(y, jax.ShapeDtypeStruct)
+        if x_array and y_array:
+            return f"The shape/dtype of {name} changed from {_fmt(x)} to {_fmt(y)}."
+        if y_array:
+            return f"{name} changed from the static value {x!r} to an array {_fmt(y)}."
+        if x_array:
+            return f"{name} changed from an array {_fmt(x)} to the static value {y!r}."
+        return f"The static value of {name} changed from {x!r} to {y!r}."
     return "Nothing in the arguments changed (JAX retraced for another reason)."
 
 
@@ -105,29 +169,44 @@ def _argpath(path: tuple) -> str:
     return prefix + jtu.keystr(tuple(rest_path))
 
 
+def _skeleton(tree: Any) -> Any:
+    """`tree` with each array replaced by its shape, dtype and weak type."""
+    return jtu.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)) if _is_array(x) else x,
+        tree,
+    )
+
+
+_ARRAY_TOKEN = 0  # the token of a lone array (never memoised)
+_KWARGS = -1  # separates positional tokens from the keyword-arguments token
+
+
 class _Parts:
-    """Interns `(treedef, static template)` pairs of one argument as small integers.
+    """Interns `(treedef, static key)` pairs of one `Jit`'s arguments as small integers.
 
     The cache key of a call is the tuple of its arguments' tokens: cheap to hash and
-    compare however large the model.
+    compare however large the model. A number is never given to two pairs, so a token
+    that outlived its pair (see `keep_only`) can only miss the cache.
     """
 
+    __slots__ = ("_ids", "_next")
+
     def __init__(self) -> None:
-        self._ids: dict[tuple[Any, tuple], int] = {}
-        self.info: list[tuple[Any, tuple]] = []
+        self._ids: dict[tuple[Any, tuple], int] = {(jtu.tree_structure(0), (_DYN,)): _ARRAY_TOKEN}
+        self._next = itertools.count(_ARRAY_TOKEN + 1)
 
     def token(self, treedef: Any, static: tuple) -> int:
         key = (treedef, static)
         tok = self._ids.get(key)  # TypeError for an unhashable static leaf
         if tok is None:
-            tok = self._ids[key] = len(self.info)
-            self.info.append(key)
+            tok = self._ids.setdefault(key, next(self._next))
         return tok
 
+    def keep_only(self, live: set[int]) -> None:
+        self._ids = {k: t for k, t in self._ids.items() if t in live or t == _ARRAY_TOKEN}
 
-_PARTS = _Parts()
-_ARRAY_TOKEN = _PARTS.token(jtu.tree_structure(0), (_DYN,))
-_KWARGS = -1  # separates positional tokens from the keyword-arguments token
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 class _Memo:
@@ -158,6 +237,9 @@ class _Memo:
             self._d.clear()
         self._d[id(obj)] = (ref, leaves, tok, snap)
 
+    def clear(self) -> None:
+        self._d.clear()
+
 
 def _forget(d: dict, key: int, ref: weakref.ref) -> None:
     hit = d.get(key)
@@ -165,33 +247,45 @@ def _forget(d: dict, key: int, ref: weakref.ref) -> None:
         del d[key]
 
 
-def _part(x: Any, memo: _Memo) -> tuple[Any, int]:
+def _part(x: Any, memo: _Memo, parts: _Parts) -> tuple[Any, int]:
     """The leaves of one argument and the token of its structure and static part."""
-    if _is_array[type(x)]:
+    if _KIND[type(x)] is _DYN:
         return (x,), _ARRAY_TOKEN
     hit = memo.get(x)
     if hit is not None:
         return hit
     leaves, treedef = jtu.tree_flatten(x)
-    is_array = _is_array
-    static = tuple([_DYN if is_array[type(leaf)] else leaf for leaf in leaves])
-    return leaves, _PARTS.token(treedef, static)
+    return leaves, parts.token(treedef, _key_static(leaves))
+
+
+class _Out:
+    """How to rebuild the outputs of one trace. The compiled call returns it with the
+    traced outputs (a pytree node without leaves, so JAX's fast path keeps it)."""
+
+    __slots__ = ("build", "merge", "parts", "token")
+
+    def __init__(self, build: Callable, merge: Callable | None, parts: list | None, token: int):
+        self.build = build  # all output leaves -> (outputs, groups), see `builder`
+        self.merge = merge  # traced outputs -> all output leaves; `None`: all traced
+        self.parts = parts  # a tuple output: each element's (start, end, token)
+        self.token = token  # any other output: its token
+
+
+jtu.register_pytree_node(_Out, lambda o: ((), o), lambda o, _: o)
 
 
 class _Entry:
-    """One cache key: its jitted function and how to rebuild its outputs."""
+    """One cache key: its jitted function, and which tokens it uses."""
 
-    __slots__ = ("build", "call", "give", "keep", "merge", "out_def", "out_parts", "out_token")
+    __slots__ = ("__weakref__", "call", "give", "keep", "live", "ok", "stamp")
 
-    def __init__(self, keep_pos: list[int], give_pos: list[int], n: int):
+    def __init__(self, keep_pos: list[int], give_pos: list[int], n: int, key: tuple):
         self.keep = _getter(keep_pos, n)  # traced leaves kept by the caller
         self.give = _getter(give_pos, n)  # traced leaves donated
         self.call: Callable[..., Any] = _unset
-        self.merge: Callable[[Any], Any] | None = None
-        self.out_def: Any = None
-        self.build: Callable[[Any], Any] = _unset
-        self.out_parts: list[tuple[int, int, int]] | None = None
-        self.out_token = _ARRAY_TOKEN
+        self.live = {t for t in key if t != _KWARGS}  # tokens of its key and outputs
+        self.ok = False  # whether a trace has succeeded
+        self.stamp = 0  # when last called, for least-recently-used eviction
 
 
 def _unset(*args: Any) -> Any:
@@ -216,7 +310,8 @@ class Jit:
     **Attributes:**
 
     - `traces`: how many times JAX has traced (and so compiled) the function.
-    - `retrace_reasons`: for each trace after the first, what changed in the arguments.
+    - `retrace_reasons`: for each trace after the first (the latest 100), what changed
+        in the arguments.
     """
 
     def __init__(
@@ -232,16 +327,30 @@ class Jit:
             )
         if max_traces is not None and max_traces < 1:
             raise ValueError(f"eqstate.jit(max_traces=...) must be >= 1, got {max_traces}.")
+        # the function's own fields: never `__dict__`, which would shadow ours
+        ft.update_wrapper(self, fn, updated=())  # pyright: ignore[reportArgumentType]
+        for attr in ("__name__", "__qualname__"):
+            if attr not in vars(self):
+                setattr(self, attr, type(fn).__name__)
         self.fn = fn
         self.donate = donate
         self.max_traces = max_traces
         self.traces = 0
         self.retrace_reasons: list[str] = []
         self._last: Any = None
+        self._warned = False
         self._cache: dict[tuple[int, ...], _Entry] = {}
+        self._max_entries = _MAX_ENTRIES
         self._memo = _Memo()
-        self._fn_is_tree = isinstance(fn, eqx.Module)
-        ft.update_wrapper(self, fn)  # pyright: ignore[reportArgumentType]
+        self._parts = _Parts()
+        self._plans: dict[tuple, tuple[str, ...]] = {}
+        self._lock = threading.RLock()
+        self._clock = itertools.count(1)
+        # A pytree function (a callable module) is split once, as eqx.filter_jit does:
+        # its arrays are traced (never donated), the rest is static.
+        fn_leaves, self._fn_def = jtu.tree_flatten(fn)
+        self._fn_is_tree = not jtu.treedef_is_leaf(self._fn_def)
+        self._fn_leaves = tuple(fn_leaves) if self._fn_is_tree else ()
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         if instance is None:
@@ -249,119 +358,202 @@ class Jit:
         return ft.partial(self, instance)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        memo = self._memo
-        if self._fn_is_tree:
-            args = (self.fn, *args)
-        leaves: list = []
+        if kwargs:
+            args, kwargs = self._bind(args, kwargs)
+        memo, parts = self._memo, self._parts
+        leaves = [*self._fn_leaves]
         toks = []
         try:
             for a in args:
-                a_leaves, tok = _part(a, memo)
+                a_leaves, tok = _part(a, memo, parts)
                 leaves += a_leaves
                 toks.append(tok)
             if kwargs:
-                k_leaves, tok = _part(kwargs, memo)
+                k_leaves, tok = _part(kwargs, memo, parts)
                 leaves += k_leaves
                 toks += (_KWARGS, tok)
         except TypeError:
             self._raise_unhashable((args, kwargs))
             raise
-        key = tuple(toks)
-        try:
-            entry = self._cache[key]
-        except KeyError:
-            entry = self._build(key)
+        entry = self._cache.get(tuple(toks))
+        if entry is None:
+            entry, leaves = self._miss(args, kwargs)
+        entry.stamp = next(self._clock)
         if self.donate == "none":
-            out = entry.call(entry.keep(leaves), entry.give(leaves))
+            dyn, out = entry.call(entry.keep(leaves), entry.give(leaves))
         else:  # as Equinox: inputs with no output to reuse them are donated in vain
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-                out = entry.call(entry.keep(leaves), entry.give(leaves))
-        merge = entry.merge
-        full = out if merge is None else merge(out)
-        result, groups = entry.build(full)
+                dyn, out = entry.call(entry.keep(leaves), entry.give(leaves))
+        merge = out.merge
+        full = dyn if merge is None else merge(dyn)
+        result, groups = out.build(full)
         if groups is None:  # rebuilt by JAX: contents unknown, nothing to memoise
             return result
-        parts = entry.out_parts
+        parts = out.parts
         if parts is None:
-            if entry.out_token != _ARRAY_TOKEN and groups[0] is not None:
-                memo.put(result, full, entry.out_token, snapshot(groups[0]))
+            if out.token != _ARRAY_TOKEN and groups[0] is not None:
+                memo.put(result, full, out.token, snapshot(groups[0]))
         else:
             for obj, (lo, hi, tok), group in zip(result, parts, groups):
                 if tok != _ARRAY_TOKEN and group is not None:
                     memo.put(obj, full[lo:hi], tok, snapshot(group))
         return result
 
-    def _build(self, key: tuple[int, ...]) -> _Entry:
-        defs, k_def, static = _unpack(key)
-        dyn_pos = [i for i, s in enumerate(static) if s is _DYN]
-        first = self._donated_from(defs, len(static))
+    # --- arguments ---------------------------------------------------------------------
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pass positional-or-keyword parameters given by keyword positionally, as
+        `eqx.filter_jit` does (so `donate="all-except-first"` keeps the first parameter
+        however it is passed). Worked out once per `(len(args), keyword names)`."""
+        plan = self._plans.get((len(args), *kwargs))
+        if plan is None:
+            plan = self._plan(args, kwargs)
+        if not plan:
+            return args, kwargs
+        kwargs = dict(kwargs)
+        return (*args, *[kwargs.pop(name) for name in plan]), kwargs
+
+    def _plan(self, args: tuple, kwargs: dict) -> tuple[str, ...]:
+        try:
+            signature = inspect.signature(self.fn)
+        except (TypeError, ValueError):  # some builtins have none: keep the call as is
+            plan: tuple[str, ...] = ()
+        else:
+            bound = signature.bind(*args, **kwargs)  # TypeError, as under eqx.filter_jit
+            names, position = [], 0
+            for p in signature.parameters.values():
+                if p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) or p.name not in bound.arguments:
+                    break
+                if p.kind is p.VAR_POSITIONAL:
+                    position += len(bound.arguments[p.name])
+                    continue
+                position += 1
+                if position > len(args):
+                    names.append(p.name)
+            plan = tuple(names)
+        self._plans[(len(args), *kwargs)] = plan
+        return plan
+
+    def _miss(self, args: tuple, kwargs: dict) -> tuple[_Entry, list]:
+        """The entry for a call that missed the cache, and its leaves: flattened again
+        without the memo (whose tokens may have been dropped), built if new."""
+        with self._lock:
+            parts = self._parts
+            flat = [jtu.tree_flatten(a) for a in args]
+            toks = [parts.token(d, _key_static(leaves)) for leaves, d in flat]
+            defs = [self._fn_def] if self._fn_is_tree else []
+            defs += [d for _, d in flat]
+            leaves = [*self._fn_leaves]
+            for a_leaves, _ in flat:
+                leaves += a_leaves
+            k_def = None
+            if kwargs:
+                k_leaves, k_def = jtu.tree_flatten(kwargs)
+                leaves += k_leaves
+                toks += (_KWARGS, parts.token(k_def, _key_static(k_leaves)))
+            key = tuple(toks)
+            entry = self._cache.get(key)
+            if entry is None:
+                entry = self._build(key, defs, k_def, leaves, len(args))
+            return entry, leaves
+
+    def _build(self, key: tuple, defs: list, k_def: Any, leaves: list, n_args: int) -> _Entry:
+        template = [_DYN if _is_array(x) else x for x in leaves]
+        n_fn = len(self._fn_leaves)
+        if self.donate == "none":
+            first = len(template)
+        elif self.donate == "all" or not n_args:
+            first = n_fn  # the function's own arrays are never donated
+        else:
+            first = n_fn + defs[1 if self._fn_is_tree else 0].num_leaves
+        dyn_pos = [i for i, s in enumerate(template) if s is _DYN]
         keep_pos = [i for i in dyn_pos if i < first]
         give_pos = [i for i in dyn_pos if i >= first]
-        entry = _Entry(keep_pos, give_pos, len(static))
-        fn, fn_is_tree, owner = self.fn, self._fn_is_tree, self
-        sizes = [d.num_leaves for d in defs]
-        dyn_pos = keep_pos + give_pos
-
-        def traced(keep: tuple, give: tuple) -> list[Any]:
-            full = list(static)
-            for i, x in zip(dyn_pos, (*keep, *give)):
-                full[i] = x
-            args, kwargs = _rebuild(full, defs, sizes, k_def)
-            owner._count_trace(args[1:] if fn_is_tree else args, kwargs)
-            out = fn(*args, **kwargs) if not fn_is_tree else args[0](*args[1:], **kwargs)
-            out_leaves, out_def = jtu.tree_flatten(out)
-            flags = [_is_array[type(x)] for x in out_leaves]
-            out_static = tuple(_DYN if f else x for x, f in zip(out_leaves, flags))
-            entry.out_def = out_def
-            entry.build = builder(out, out_def)
-            entry.out_parts = _out_parts(out, out_def, out_static)
-            entry.merge = _merger(out_static)
-            entry.out_token = _token_or_array(out_def, out_static)
-            return [x for x, f in zip(out_leaves, flags) if f]
-
+        entry = _Entry(keep_pos, give_pos, len(template), key)
+        traced = _tracer(self, entry, key, template, keep_pos + give_pos, defs, k_def)
         entry.call = jax.jit(traced, donate_argnums=(1,) if give_pos else ())
+        if len(self._cache) >= self._max_entries:
+            self._evict(len(self._cache) - self._max_entries + 1, entry)
         self._cache[key] = entry
         return entry
 
-    def _donated_from(self, defs: list, n_leaves: int) -> int:
-        """The index of the first donated leaf (`n_leaves` if none is donated)."""
-        if self.donate == "none":
-            return n_leaves
-        if self.donate == "all":
-            return 0
-        return sum(d.num_leaves for d in defs[: 2 if self._fn_is_tree else 1])
+    # --- bookkeeping (under the lock) ----------------------------------------------------
 
-    def _count_trace(self, args: tuple, kwargs: dict) -> None:
-        """Count a trace of the call `(args, kwargs)` (as the caller passed them), say
-        what changed since the last one, and enforce `max_traces`."""
-        skeleton = jtu.tree_map(
-            lambda x: (
-                jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x))
-                if _is_array[type(x)]
-                else x
-            ),
-            (args, kwargs),
-        )
-        self.traces += 1
-        if self._last is not None:
-            self.retrace_reasons.append(_explain(self._last, skeleton))
-        self._last = skeleton
-        if self.max_traces is not None and self.traces > self.max_traces:
-            reason = self.retrace_reasons[-1] if self.retrace_reasons else ""
-            self.traces -= 1
+    def _evict(self, n: int, new: _Entry) -> None:
+        """Drop the `n` least recently used entries and the tokens only they used (not
+        those of `new`, about to be added)."""
+        by_age = sorted(self._cache.items(), key=lambda item: item[1].stamp)
+        for key, _ in by_age[:n]:
+            del self._cache[key]
+        live = set(new.live)
+        for entry in self._cache.values():
+            live |= entry.live
+        self._parts.keep_only(live)
+        self._memo.clear()  # its tokens may have been dropped
+
+    def _drop(self, key: tuple, entry: _Entry) -> None:
+        """Forget an entry whose every trace failed (or was refused)."""
+        with self._lock:
+            if not entry.ok and self._cache.get(key) is entry:
+                del self._cache[key]
+
+    def _intern_outputs(self, entry: _Entry, treedef: Any, leaves: list) -> int:
+        """The token of an output part; `_ARRAY_TOKEN` (never memoised) if unhashable."""
+        with self._lock:
+            try:
+                tok = self._parts.token(treedef, _key_static(leaves))
+            except TypeError:
+                return _ARRAY_TOKEN
+            entry.live.add(tok)
+            return tok
+
+    def _before_trace(self, args: tuple, kwargs: dict) -> tuple[Any, Any, str | None]:
+        """Enforce `max_traces` (and warn past `_WARN_TRACES`) before tracing the call
+        `(args, kwargs)` (as the caller passed them); nothing is counted yet."""
+        skeleton = _skeleton((args, kwargs))
+        with self._lock:
+            last = self._last
+            reason = None if last is None else _explain(last, skeleton)
+            self._check_limit(reason)
+            warn = self.max_traces is None and self.traces >= _WARN_TRACES and not self._warned
+            self._warned |= warn
+        if warn:
+            warnings.warn(
+                _MSG_RETRACES.format(name=self._name(), n=self.traces + 1, reason=reason),
+                RetraceWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        return skeleton, last, reason
+
+    def _after_trace(self, entry: _Entry, pending: tuple[Any, Any, str | None]) -> None:
+        """Count a trace that succeeded and say what changed since the last one."""
+        skeleton, last, reason = pending
+        with self._lock:
+            if self._last is not last:  # another thread traced meanwhile
+                reason = _explain(self._last, skeleton)
+            self._check_limit(reason)
+            self.traces += 1
+            if reason is not None:
+                self.retrace_reasons.append(reason)
+                del self.retrace_reasons[:-_MAX_REASONS]
+            self._last = skeleton
+            entry.ok = True
+
+    def _check_limit(self, reason: str | None) -> None:
+        if self.max_traces is not None and self.traces >= self.max_traces:
             raise RuntimeError(
                 _MSG_MAX_TRACES.format(
-                    name=getattr(self.fn, "__qualname__", repr(self.fn)),
-                    n=self.traces + 1,
-                    limit=self.max_traces,
-                    reason=reason,
+                    name=self._name(), n=self.traces + 1, limit=self.max_traces, reason=reason or ""
                 )
             )
 
+    def _name(self) -> str:
+        return getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+
     def _raise_unhashable(self, tree: Any) -> None:
         for path, x in jtu.tree_flatten_with_path(tree)[0]:
-            if _is_array[type(x)]:
+            if _is_array(x):
                 continue
             try:
                 hash(x)
@@ -369,22 +561,77 @@ class Jit:
                 raise TypeError(
                     _MSG_UNHASHABLE.format(path=_argpath(path), type=type(x).__name__)
                 ) from None
+        args, kwargs = tree
+        named = [((jtu.SequenceKey(0), jtu.SequenceKey(i)), a) for i, a in enumerate(args)]
+        named += [((jtu.SequenceKey(1), jtu.DictKey(k)), v) for k, v in kwargs.items()]
+        for path, a in named:
+            try:
+                hash(jtu.tree_structure(a))
+            except TypeError as e:
+                raise TypeError(_MSG_UNHASHABLE_NODE.format(path=_argpath(path), error=e)) from None
 
 
-def _unpack(key: tuple[int, ...]) -> tuple[list, Any, tuple]:
-    """The treedefs of the positional arguments, of the kwargs, and the whole static part."""
-    defs, static, k_def = [], (), None
-    toks = list(key)
-    if _KWARGS in toks:
-        k_def, k_static = _PARTS.info[toks[-1]]
-        toks = toks[:-2]
-    else:
-        k_static = ()
-    for tok in toks:
-        d, s = _PARTS.info[tok]
-        defs.append(d)
-        static += s
-    return defs, k_def, static + k_static
+def _tracer(
+    owner: Jit, entry: _Entry, key: tuple, template: list, pos: list[int], defs: list, k_def: Any
+) -> Callable[[tuple, tuple], tuple[list, _Out]]:
+    """The function `jax.jit` traces for one cache key (`pos`: where its traced leaves go
+    in `template`). It returns its trace's `_Out` with the traced outputs. It holds its
+    `Jit` and entry weakly, so that deleting the `Jit` frees every compiled function
+    at once, without waiting for the garbage collector."""
+    owner_ref, entry_ref = weakref.ref(owner), weakref.ref(entry)
+    fn = None if owner._fn_is_tree else owner.fn  # a pytree function comes from its leaves
+    sizes = [d.num_leaves for d in defs]
+
+    def traced(keep: tuple, give: tuple) -> tuple[list, _Out]:
+        owner, entry = owner_ref(), entry_ref()
+        if entry is None:
+            owner = None  # evicted meanwhile: trace, but record nothing
+        full = list(template)
+        for i, x in zip(pos, (*keep, *give)):
+            full[i] = x
+        args, kwargs = _unflatten(full, defs, sizes, k_def)
+        call, call_args = (args[0], args[1:]) if fn is None else (fn, args)
+        try:
+            pending = None if owner is None else owner._before_trace(call_args, kwargs)
+            out = call(*call_args, **kwargs)
+            out_leaves, out_def = jtu.tree_flatten(out)
+            flags = [_is_array(x) for x in out_leaves]
+            out_static = tuple(_DYN if f else x for x, f in zip(out_leaves, flags))
+            plan = _Out(builder(out, out_def), _merger(out_static), None, _ARRAY_TOKEN)
+            if owner is not None and entry is not None and pending is not None:
+                intern = ft.partial(owner._intern_outputs, entry)
+                if type(out) is tuple:
+                    plan.parts = _out_parts(out_def, out_leaves, intern)
+                else:
+                    plan.token = intern(out_def, out_leaves)
+                owner._after_trace(entry, pending)
+        except BaseException:
+            if owner is not None and entry is not None:
+                owner._drop(key, entry)
+            raise
+        return [x for x, f in zip(out_leaves, flags) if f], plan
+
+    return traced
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` at which `warnings.warn`, called by our caller, names the first
+    frame outside eqstate.jit and JAX: the user's call."""
+    skip = (__file__, *jax.__path__)
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _unflatten(full: list, defs: list, sizes: list[int], k_def: Any) -> tuple[tuple, dict]:
+    args = []
+    start = 0
+    for d, n in zip(defs, sizes):
+        args.append(d.unflatten(full[start : start + n]))
+        start += n
+    kwargs = {} if k_def is None else k_def.unflatten(full[start:])
+    return tuple(args), kwargs
 
 
 def _merger(out_static: tuple) -> Callable[[Any], Any] | None:
@@ -403,32 +650,14 @@ def _merger(out_static: tuple) -> Callable[[Any], Any] | None:
     return lambda out: get([*out, *statics])
 
 
-def _rebuild(full: list, defs: list, sizes: list[int], k_def: Any) -> tuple[tuple, dict]:
-    args = []
-    start = 0
-    for d, n in zip(defs, sizes):
-        args.append(d.unflatten(full[start : start + n]))
-        start += n
-    kwargs = {} if k_def is None else k_def.unflatten(full[start:])
-    return tuple(args), kwargs
-
-
-def _token_or_array(treedef: Any, static: tuple) -> int:
-    """The token of an output part; `_ARRAY_TOKEN` (never memoised) if it is unhashable."""
-    try:
-        return _PARTS.token(treedef, static)
-    except TypeError:
-        return _ARRAY_TOKEN
-
-
-def _out_parts(out: Any, out_def: Any, out_static: tuple) -> list[tuple[int, int, int]] | None:
+def _out_parts(
+    out_def: Any, out_leaves: list, intern: Callable[[Any, list], int]
+) -> list[tuple[int, int, int]]:
     """For a tuple output: each element's slice of the output leaves and its token."""
-    if type(out) is not tuple:
-        return None
     parts, start = [], 0
     for child in out_def.children():
         end = start + child.num_leaves
-        parts.append((start, end, _token_or_array(child, out_static[start:end])))
+        parts.append((start, end, intern(child, out_leaves[start:end])))
         start = end
     return parts
 

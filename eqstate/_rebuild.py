@@ -54,14 +54,15 @@ class _Gen:
         """An expression building `x` from `L[start:...]`, and the next leaf index."""
         treedef = jtu.tree_structure(x)
         n = treedef.num_leaves
-        if treedef.num_nodes == 1:
+        if treedef.num_nodes == 1:  # a leaf, or a node without children
             if n == 1:
                 return f"L[{start}]", start + 1
-            if type(x) in (list, dict) and not x:
+            if type(x) in (list, dict):
                 return self.container("[]" if type(x) is list else "{}"), start
-            if x is None or x == ():
-                return repr(x), start
-            return self.const(treedef.unflatten([])), start
+            if x is None or type(x) is tuple:
+                return repr(x), start  # immutable singletons, as JAX returns them
+            # other empty nodes (an empty module, namedtuple, OrderedDict, ...) are built
+            # afresh on every call below: a constant would be one object for all calls
         if isinstance(x, tuple) and type(x) is not tuple and hasattr(type(x), "_fields"):
             parts = []  # a NamedTuple, rebuilt as JAX does: cls(*children)
             i = start
