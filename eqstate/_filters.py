@@ -1,5 +1,8 @@
 """`filter` / `partition` / `combine` / `spec`: split a pytree by kind and put it back."""
 
+import contextlib
+import inspect
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -16,32 +19,112 @@ from ._kinds import Kind
 from ._resolve import Plan, plan
 
 
-Filter: TypeAlias = type[Kind] | Callable[[tuple, type[Kind], Any], bool] | tuple[Any, ...] | Any
-"""A kind class, `...`, a callable `(path, kind, leaf) -> bool`, or a tuple of these."""
+Filter: TypeAlias = (
+    type[Kind]
+    | Callable[[tuple, type[Kind], Any], bool]
+    | Callable[[Any], bool]
+    | tuple[Any, ...]
+    | Any
+)
+"""A kind class, `...`, a callable `(path, kind, leaf) -> bool` or `leaf -> bool`, or a
+tuple of these."""
 
 _MSG_BAD_FILTER = (
     "{where}: {filter!r} is not a filter. A filter is a subclass of eqstate.Kind (such "
     "as eqstate.Param or eqstate.State), `...` (everything), a callable "
-    "`(path, kind, leaf) -> bool`, or a tuple of these (any of them)."
+    "`(path, kind, leaf) -> bool` or `leaf -> bool` (such as `eqx.is_array`), or a tuple "
+    "of these (any of them)."
+)
+_MSG_FILTER_ARITY = (
+    "{where}: the callable filter {name} has the signature {sig}, which takes neither one "
+    "argument nor three. A callable filter is called as `f(leaf)` (like `eqx.is_array` or "
+    "`eqx.is_inexact_array`) or as `f(path, kind, leaf)`. Wrap it, e.g. "
+    "`lambda path, kind, leaf: ...`."
 )
 _MSG_NO_FILTER = "{where} needs at least one filter, e.g. `{where}(tree, eqstate.State)`."
 
+_ON_PATHS = 3
+_ON_LEAF = 1
+_ARITY: "weakref.WeakKeyDictionary[Any, int | None]" = weakref.WeakKeyDictionary()
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
-def _check(f: Any, where: str) -> None:
+
+def _arity(f: Callable[..., Any]) -> int | None:
+    """How `f` is called as a filter: `_ON_PATHS`, `_ON_LEAF`, or `None` (neither)."""
+    try:
+        return _ARITY[f]
+    except (KeyError, TypeError):  # TypeError: not weakly referenceable or unhashable
+        pass
+    n = _count_arity(f)
+    with contextlib.suppress(TypeError):
+        _ARITY[f] = n
+    return n
+
+
+def _count_arity(f: Callable[..., Any]) -> int | None:
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): the documented form
+        return _ON_PATHS
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    required = sum(p.default is p.empty for p in positional)
+    star = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    if any(p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is p.empty for p in params):
+        return None
+    for n in (_ON_PATHS, _ON_LEAF):
+        if required <= n and (len(positional) >= n or star):
+            return n
+    return None
+
+
+class _OnLeaf:
+    """A one-argument filter `leaf -> bool`, as Equinox's filter functions are."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+
+
+def _compile(f: Any, where: str) -> Any:
+    """`f` checked, with each one-argument callable wrapped in `_OnLeaf`."""
     if f is ... or (isinstance(f, type) and issubclass(f, Kind)):
-        return
+        return f
     if isinstance(f, tuple):
-        for g in f:
-            _check(g, where)
-        return
+        return tuple(_compile(g, where) for g in f)
     if isinstance(f, type) or not callable(f):
         raise TypeError(_MSG_BAD_FILTER.format(where=where, filter=f))
+    n = _arity(f)
+    if n is None:
+        raise TypeError(_MSG_FILTER_ARITY.format(where=where, name=describe(f), sig=_sig(f)))
+    return _OnLeaf(f) if n == _ON_LEAF else f
+
+
+def _sig(f: Callable[..., Any]) -> str:
+    try:
+        return str(inspect.signature(f))
+    except (TypeError, ValueError):
+        return "(?)"
+
+
+def describe(f: Any) -> str:
+    """A short name of a filter, for messages: `eqstate.Param`, `is_array`, `(a, b)`."""
+    if f is ...:
+        return "..."
+    if isinstance(f, tuple):
+        return "(" + ", ".join(describe(g) for g in f) + ("," if len(f) == 1 else "") + ")"
+    if isinstance(f, type):
+        prefix = "eqstate." if f.__module__.startswith("eqstate.") else ""
+        return prefix + f.__qualname__
+    if isinstance(f, _OnLeaf):
+        return describe(f.fn)
+    return getattr(f, "__name__", None) or repr(f)
 
 
 def _needs_paths(f: Any) -> bool:
     if isinstance(f, tuple):
         return any(_needs_paths(g) for g in f)
-    return f is not ... and not isinstance(f, type)
+    return f is not ... and not isinstance(f, (type, _OnLeaf))
 
 
 def _matches(f: Any, path: tuple | None, kind: type[Kind], leaf: Any) -> bool:
@@ -49,6 +132,8 @@ def _matches(f: Any, path: tuple | None, kind: type[Kind], leaf: Any) -> bool:
         return True
     if isinstance(f, type):
         return issubclass(kind, f) and eqx.is_array(leaf)
+    if isinstance(f, _OnLeaf):
+        return bool(f.fn(leaf))
     if isinstance(f, tuple):
         return any(_matches(g, path, kind, leaf) for g in f)
     return bool(f(path, kind, leaf))
@@ -58,8 +143,7 @@ def _assign(leaves: list, p: Plan, filters: tuple, where: str) -> list[int]:
     """For each leaf, the index of the first filter it matches (`len(filters)` if none)."""
     if not filters:
         raise TypeError(_MSG_NO_FILTER.format(where=where))
-    for f in filters:
-        _check(f, where)
+    filters = tuple(_compile(f, where) for f in filters)
     paths = p.paths if any(_needs_paths(f) for f in filters) else (None,) * len(leaves)
     n = len(filters)
     out = []
@@ -86,8 +170,10 @@ def filter(tree: Any, *filters: Filter) -> Any:
     **Arguments:**
 
     - `tree`: any pytree, usually an `eqstate.Module`.
-    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`.
-        A kind matches array leaves of that kind or a subclass of it only.
+    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`
+        or `leaf -> bool` (Equinox's `eqx.is_array`, `eqx.is_inexact_array`, ...). A kind
+        matches array leaves of that kind or a subclass of it only; a callable sees every
+        leaf. A callable's number of parameters is read once, from its signature.
 
     **Returns:**
 
@@ -111,7 +197,8 @@ def partition(tree: Any, *filters: Filter) -> tuple[Any, ...]:
     **Arguments:**
 
     - `tree`: any pytree, usually an `eqstate.Module`.
-    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`.
+    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`
+        or `leaf -> bool`, as for `eqstate.filter`.
 
     **Returns:**
 

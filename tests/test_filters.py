@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -165,3 +167,66 @@ def test_partition_combine_round_trip(tree, filters):
     assert sum(len(jax.tree_util.tree_leaves(p)) for p in parts) == n_leaves
     # filter agrees with the first part
     assert tree_allclose(eqstate.filter(tree, filters[0]), parts[0])
+
+
+def test_one_argument_filters_like_equinox():
+    b = Block(jnp.ones(2))
+    assert leaves_of(eqstate.filter(b, eqx.is_inexact_array)) == [b.w, b.mean, b.cache]
+    assert leaves_of(eqstate.filter(b, eqx.is_array)) == [b.w, b.mean, b.key, b.cache, b.count]
+    # a one-argument callable sees every leaf, arrays or not
+    seen = []
+    eqstate.filter(b, lambda leaf: seen.append(leaf) or False)
+    assert any(x is False for x in seen) and jax.nn.relu in seen
+    # mixed with kinds and three-argument callables, in tuples too
+    params, _ = eqstate.partition(b, (eqstate.Rng, lambda leaf, strict=True: False))
+    assert leaves_of(params) == [b.key]
+    assert leaves_of(eqstate.filter(b, (Cache, eqx.is_inexact_array))) == [b.w, b.mean, b.cache]
+    spec = eqstate.spec(b, lambda *args: eqx.is_array(args[-1]) and args[1] is eqstate.Param)
+    assert spec.w is True and spec.mean is False
+    # as wrt= of gradients
+    g = eqstate.grad(lambda m: jnp.sum(m.w) + jnp.sum(m.mean), wrt=eqx.is_inexact_array)(b)
+    np.testing.assert_array_equal(g.mean, np.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("bad", "sig"),
+    [
+        (lambda: True, r"\(\)"),
+        (lambda path, leaf: True, r"\(path, leaf\)"),
+        (lambda x, *, k: True, r"\(x, \*, k\)"),
+    ],
+)
+def test_callable_filter_of_the_wrong_arity(bad, sig):
+    b = Block(jnp.ones(2))
+    with pytest.raises(
+        TypeError,
+        match=r"eqstate.filter: the callable filter <lambda> has the signature "
+        + sig
+        + r", which takes neither one argument nor three.*`f\(leaf\)`.*`f\(path, kind, leaf\)`",
+    ):
+        eqstate.filter(b, bad)
+    with pytest.raises(TypeError, match=r"wrt=: the callable filter <lambda>"):
+        eqstate.grad(lambda m: jnp.sum(m.w), wrt=bad)(b)
+
+
+def test_cast_like_keeps_weak_types_with_public_jax_only():
+    import eqstate._convert as convert
+
+    weak = jnp.asarray(1.0)
+    assert weak.weak_type
+    for value in (
+        jnp.arange(3),
+        jnp.array(2, jnp.int32),
+        2,
+        jnp.ones((2, 0)),
+        jnp.ones(2, jnp.bfloat16),
+    ):
+        out = convert.cast_like(value, weak)
+        assert out.dtype == jnp.float32 and out.weak_type and out.shape == jnp.shape(value)
+        jitted = jax.jit(convert.cast_like)(value, weak)
+        assert jitted.weak_type and np.array_equal(jitted, np.asarray(value, np.float32))
+    strong = convert.cast_like(jnp.asarray(2.5), jnp.zeros((), jnp.int32))
+    assert strong.dtype == jnp.int32 and not strong.weak_type
+    grads = jax.grad(lambda v: jnp.sum(convert.cast_like(v, weak) ** 2))(jnp.arange(3.0))
+    np.testing.assert_array_equal(grads, 2 * np.arange(3.0))
+    assert "jax._src" not in Path(convert.__file__).read_text()
