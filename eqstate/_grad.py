@@ -6,20 +6,60 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.tree_util as jtu
 
-from ._filters import Filter, combine, select
+from ._filters import Filter, combine, describe, select
 from ._kinds import Param
+from ._resolve import plan
 
 
-def split_differentiable(model: Any, wrt: Filter) -> tuple[Any, Any]:
+_MSG_NOTHING_SELECTED = (
+    "{where}: wrt={wrt} matches no inexact-array (floating or complex) leaf of the "
+    "{what} ({cls}), so there is nothing to {verb}. {has} Pass a `wrt=` filter that "
+    "selects the leaves to {verb}: a kind (`eqstate.Param`, `eqstate.State`, ...), a "
+    "callable `leaf -> bool` such as `eqx.is_inexact_array`, or `...` for every "
+    "inexact array."
+)
+_MAX_LISTED = 8
+
+
+def split_differentiable(
+    model: Any, wrt: Filter, where: str = "eqstate.value_and_grad", verb: str = "differentiate"
+) -> tuple[Any, Any]:
     """`(diff, rest)`: the inexact-array leaves matching `wrt`, and everything else.
 
     Both trees have the structure of `model`, with `None` for the leaves they lack.
+    Raises, naming `where` and the model's array leaves, if `wrt` selects nothing.
     """
-    leaves, treedef, mask = select(model, wrt, "wrt=")
+    leaves, treedef, mask = select(model, wrt, f"{where} wrt=")
     diff = [x if m and eqx.is_inexact_array(x) else None for x, m in zip(leaves, mask)]
+    if all(d is None for d in diff):
+        raise ValueError(
+            _MSG_NOTHING_SELECTED.format(
+                where=where,
+                wrt=describe(wrt),
+                what="model",
+                cls=type(model).__name__,
+                verb=verb,
+                has=describe_arrays(model),
+            )
+        )
     rest = [x if d is None else None for x, d in zip(leaves, diff)]
     return treedef.unflatten(diff), treedef.unflatten(rest)
+
+
+def describe_arrays(tree: Any) -> str:
+    """What array leaves `tree` has, with their kinds, for messages."""
+    leaves, p = plan(tree)
+    found = [
+        f"{jtu.keystr(path) or 'the root'} ({kind.__name__}, {leaf.dtype}{list(leaf.shape)})"
+        for leaf, kind, path in zip(leaves, p.kinds, p.paths)
+        if eqx.is_array(leaf)
+    ]
+    if not found:
+        return "It has no array leaves at all."
+    more = f", and {len(found) - _MAX_LISTED} more" if len(found) > _MAX_LISTED else ""
+    return f"Its array leaves are: {', '.join(found[:_MAX_LISTED])}{more}."
 
 
 def value_and_grad(
@@ -33,10 +73,12 @@ def value_and_grad(
         `(loss, aux)` if `has_aux`. `aux` is typically the new model returned by a
         mutating call.
     - `has_aux`: as for `jax.value_and_grad`.
-    - `wrt`: a filter (a kind, a tuple, `...`, or a callable `(path, kind, leaf)`);
-        default `eqstate.Param`. Only inexact-array leaves that match are
-        differentiated. Every other leaf (`State`, `Rng`, `OptState`, integer arrays,
-        non-arrays) is held constant.
+    - `wrt`: a filter (a kind, a tuple, `...`, a callable `(path, kind, leaf)`, or a
+        one-argument callable `leaf -> bool` such as `eqx.is_inexact_array`); default
+        `eqstate.Param`. Only inexact-array leaves that match are differentiated. Every
+        other leaf (`State`, `Rng`, `OptState`, integer arrays, non-arrays) is held
+        constant. A `wrt` that matches no inexact-array leaf of the model is an error
+        (the gradient would be silently empty).
 
     **Returns:**
 
@@ -54,10 +96,13 @@ def value_and_grad(
         (loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
         ```
     """
+    return _value_and_grad(fn, has_aux, wrt, "eqstate.value_and_grad")
 
+
+def _value_and_grad(fn: Callable[..., Any], has_aux: bool, wrt: Filter, where: str) -> Any:
     @ft.wraps(fn)
     def wrapper(model: Any, /, *args: Any, **kwargs: Any) -> Any:
-        diff, rest = split_differentiable(model, wrt)
+        diff, rest = split_differentiable(model, wrt, where)
 
         def inner(diff: Any) -> Any:
             return fn(combine(diff, rest), *args, **kwargs)
@@ -74,7 +119,7 @@ def grad(
 
     Returns `grads`, or `(grads, aux)` if `has_aux`. See `eqstate.value_and_grad`.
     """
-    vg = value_and_grad(fn, has_aux=has_aux, wrt=wrt)
+    vg = _value_and_grad(fn, has_aux, wrt, "eqstate.grad")
 
     @ft.wraps(fn)
     def wrapper(model: Any, /, *args: Any, **kwargs: Any) -> Any:

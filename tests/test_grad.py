@@ -67,3 +67,26 @@ def test_works_under_filter_jit_and_jit():
     (loss, _), grads = f(m, jnp.arange(3.0))
     np.testing.assert_allclose(grads.w, 3.0 * np.arange(3.0))
     assert float(loss) == pytest.approx(9.0)
+
+
+@pytest.mark.parametrize("fn", [eqstate.grad, eqstate.value_and_grad])
+def test_wrt_that_selects_nothing_is_an_error(fn):
+    m = Scaled(jnp.ones(3), jnp.array([1, 2]))
+    with pytest.raises(
+        ValueError,
+        match=r"eqstate\.(value_and_)?grad: wrt=eqstate\.Rng matches no inexact-array .* leaf of "
+        r"the model \(Scaled\), so there is nothing to differentiate\. Its array leaves are: "
+        r"\.w \(Param, float32\[3\]\), \.n \(Param, int32\[2\]\), \.scale \(State, float32\[\]\).*"
+        r"Pass a `wrt=` filter",
+    ):
+        fn(lambda m: m(jnp.ones(3))[0], wrt=eqstate.Rng)(m)
+    ints = Scaled(jnp.array([1, 2, 3]), jnp.array([1, 2]))  # no float parameter at all
+    with pytest.raises(ValueError, match=r"wrt=eqstate\.Param matches no inexact-array"):
+        fn(lambda m: 0.0)(ints)
+    with pytest.raises(
+        ValueError, match=r"wrt=is_array matches no .* It has no array leaves at all"
+    ):
+        fn(lambda m: 0.0, wrt=eqx.is_array)({"a": 1.0, "b": None})
+    # a one-argument Equinox filter function selects
+    _, g = eqstate.value_and_grad(lambda m: m(jnp.ones(3))[0], wrt=eqx.is_inexact_array)(m)
+    assert g.scale is not None and g.w is not None and g.n is None
