@@ -8,6 +8,7 @@ its own field's `fixed_shape`.
 
 import copy
 import dataclasses
+import operator
 from typing import Any
 
 import equinox as eqx
@@ -81,8 +82,37 @@ def is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
-def fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
+Where = str | tuple
+"""A field path: a string, or `(parent, key)` built lazily (formatted on error only)."""
+
+
+def where_str(where: Where) -> str:
+    if isinstance(where, str):
+        return where
+    parent, key = where
+    if isinstance(key, str):
+        return f"{where_str(parent)}.{key}"
+    return f"{where_str(parent)}[{key[0]!r}]"
+
+
+def fit(value: Any, old: Any, where: Where, fixed_shape: bool) -> Any:
     """`value` with `old`'s dtype (a key stays a key), checked for `old`'s shape."""
+    if not (is_array_like(value) and _fits(value, old, fixed_shape)):
+        return _fit_slow(value, old, where_str(where), fixed_shape)
+    return cast_like(value, old)
+
+
+def _fits(value: Any, old: Any, fixed_shape: bool) -> bool:
+    """The common case, cheaply: same dtype (no key involved) and shape."""
+    return (
+        isinstance(value, (jax.Array, np.ndarray))
+        and value.dtype == old.dtype
+        and not is_key(old)
+        and (not fixed_shape or value.shape == old.shape)
+    )
+
+
+def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     if not is_array_like(value):
         raise TypeError(
             _MSG_NOT_ARRAY.format(
@@ -117,14 +147,14 @@ def fit(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     return value
 
 
-def check_static(value: Any, where: str) -> None:
+def check_static(value: Any, where: Where) -> None:
     """A static field never holds a JAX array (a tracer would escape its trace)."""
     if isinstance(value, jax.Array):
         tracer = " (a tracer)" if isinstance(value, jax.core.Tracer) else ""
-        raise TypeError(_MSG_STATIC.format(where=where, tracer=tracer))
+        raise TypeError(_MSG_STATIC.format(where=where_str(where), tracer=tracer))
 
 
-def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
+def fit_tree(value: Any, old: Any, where: Where, fixed_shape: bool) -> Any:
     """`value`, checked against `old` leaf by leaf where their structures meet.
 
     Arrays go through `fit`; modules are checked field by field (each field's own
@@ -140,15 +170,15 @@ def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
     t = type(old)
     if type(value) is not t:
         return value
-    if isinstance(old, eqx.Module):
-        return _fit_module(value, old, where, fixed_shape)
     if isinstance(old, (list, tuple)):
         if len(value) != len(old):
             return value  # grown or shrunk: a new structure, as a new list would be
+        if all(map(operator.is_, value, old)):
+            return value
         items = [
-            fit_tree(v, o, f"{where}[{i}]", fixed_shape) for i, (v, o) in enumerate(zip(value, old))
+            fit_tree(v, o, (where, (i,)), fixed_shape) for i, (v, o) in enumerate(zip(value, old))
         ]
-        if all(a is b for a, b in zip(items, value)):
+        if all(map(operator.is_, items, value)):
             return value
         if t is list or t is tuple:
             return t(items)
@@ -161,7 +191,7 @@ def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
         changed = {}
         for k, v in value.items():
             if k in old:
-                new = fit_tree(v, old[k], f"{where}[{k!r}]", fixed_shape)
+                new = fit_tree(v, old[k], (where, (k,)), fixed_shape)
                 if new is not v:
                     changed[k] = new
         if not changed:
@@ -169,10 +199,12 @@ def fit_tree(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
         out = copy.copy(value)
         out.update(changed)
         return out
+    if isinstance(old, eqx.Module):
+        return _fit_module(value, old, where, fixed_shape)
     return value
 
 
-def _fit_module(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
+def _fit_module(value: Any, old: Any, where: Where, fixed_shape: bool) -> Any:
     new_values, old_values = vars(value), vars(old)
     changed = {}
     for f in dataclasses.fields(value):
@@ -181,7 +213,7 @@ def _fit_module(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
         o = old_values.get(name, v)
         if v is o:
             continue
-        path = f"{where}.{name}"
+        path = (where, name)
         if f.metadata.get("static", False):
             check_static(v, path)
             continue

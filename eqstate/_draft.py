@@ -7,8 +7,10 @@ that hold no containers) are shared. Drafts are per thread: a draft made in one 
 accepts assignments in that thread only.
 """
 
+import contextlib
 import copy
 import threading
+import weakref
 from typing import Any
 
 import equinox as eqx
@@ -40,6 +42,22 @@ def _thaw_kind(t: type) -> str:
 
 _KINDS: dict[type, str] = {}
 
+# Modules found to hold nothing mutable, by id: (weak reference, the modules inside).
+# Modules are frozen, so this stays true for as long as the module lives.
+_SEALED: dict[int, tuple[weakref.ref, dict[int, Any]]] = {}
+
+
+def _seal(x: Any, inner: dict[int, Any]) -> None:
+    key = id(x)
+
+    def forget(ref: weakref.ref) -> None:
+        hit = _SEALED.get(key)
+        if hit is not None and hit[0] is ref:
+            del _SEALED[key]
+
+    with contextlib.suppress(TypeError):  # not weakly referenceable: never cached
+        _SEALED[key] = (weakref.ref(x, forget), inner)  # not `x` itself: it must die
+
 
 def thaw(x: Any, memo: dict[int, Any], owned: dict[int, Any] | None = None) -> Any:
     """A copy of `x` that shares nothing mutable with it.
@@ -60,16 +78,25 @@ def thaw(x: Any, memo: dict[int, Any], owned: dict[int, Any] | None = None) -> A
     if key in memo:
         return memo[key]
     if kind == "module":
+        hit = _SEALED.get(key)
+        if hit is not None and hit[0]() is x:  # known to hold nothing mutable
+            if owned is not None:
+                owned.update(hit[1])
+                owned[key] = x
+            return x
+        inner: dict[int, Any] = {}
         values = vars(x)
-        new = {k: thaw(v, memo, owned) for k, v in values.items()}
+        new = {k: thaw(v, memo, inner) for k, v in values.items()}
         if any(new[k] is not v for k, v in values.items()):
             out = object.__new__(t)
             vars(out).update(new)
         else:
             out = x
+            _seal(x, dict(inner))
+        inner[key] = x
+        inner[id(out)] = out
         if owned is not None:
-            owned[key] = x
-            owned[id(out)] = out
+            owned.update(inner)
     elif kind == "list":
         out = [thaw(v, memo, owned) for v in x] if t is list else copy.copy(x)
         if t is not list:
