@@ -6,7 +6,7 @@ from typing import Any
 
 import equinox as eqx
 
-from ._convert import to_strong
+from ._convert import is_key, to_strong
 
 
 KIND_KEY = "eqstate.kind"
@@ -88,6 +88,13 @@ class OptState(State):
     """Optimiser state."""
 
 
+_MSG_RNG_DEFAULT = (
+    "eqstate.{kind}.field(default={default!r}): an `Rng` field holds a PRNG key, not "
+    "{default!r}. Give it a key when the module is built, or declare "
+    "`default_factory=lambda: jax.random.key(0)`."
+)
+
+
 def _check_kind(kind: Any) -> type[Kind]:
     if not (isinstance(kind, type) and issubclass(kind, Kind)):
         raise TypeError(
@@ -127,6 +134,13 @@ def field(
     strongly typed JAX arrays when the module is built.
     """
     kind = _check_kind(kind)
+    given = default is not dataclasses.MISSING and default is not None
+    if (
+        given
+        and issubclass(kind, Rng)
+        and not (is_key(default) or getattr(default, "dtype", None) == "uint32")
+    ):
+        raise TypeError(_MSG_RNG_DEFAULT.format(kind=kind.__name__, default=default))
     metadata = dict(kwargs.pop("metadata", None) or {})
     metadata[KIND_KEY] = kind
     metadata[FIXED_SHAPE_KEY] = bool(fixed_shape)

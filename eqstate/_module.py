@@ -41,7 +41,7 @@ _MSG_SHADOWS = (
     "eqstate.Module. Rename the field (e.g. '{name}_')."
 )
 _MSG_RNG = (
-    "{cls}.{name} is an `Rng` field but holds {value!r} of type {type}, not a PRNG key. "
+    "{cls}.{name} is an `Rng` field but holds {value}, not a PRNG key. "
     "Pass a key, e.g. `jax.random.key(0)` (or `jax.random.PRNGKey(0)`), or "
     "`default_factory=lambda: jax.random.key(0)` in its declaration."
 )
@@ -76,11 +76,12 @@ class _ModuleMeta(type(eqx.Module)):
         for name in _rng_fields(cls):
             value = vars(obj).get(name)
             if value is not None and not _is_key_like(value):
-                raise TypeError(
-                    _MSG_RNG.format(
-                        cls=cls.__name__, name=name, value=value, type=type(value).__name__
-                    )
+                what = (
+                    f"an array of dtype {value.dtype}"
+                    if is_array(value)
+                    else f"{value!r} of type {type(value).__name__}"
                 )
+                raise TypeError(_MSG_RNG.format(cls=cls.__name__, name=name, value=what))
         return obj
 
 

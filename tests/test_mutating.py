@@ -414,14 +414,20 @@ def test_update_allows_new_shapes_where_declared():
 
 
 def test_rng_fields_must_hold_keys():
+    with pytest.raises(
+        TypeError,
+        match=r"eqstate\.Rng\.field\(default=0\): an `Rng` field holds a PRNG key.*default_factory=lambda: jax\.random\.key\(0\)",
+    ):
+        eqstate.Rng.field(default=0)
+
     class Noisy(eqstate.Module):
-        key: jax.Array = eqstate.Rng.field(default=0)
+        key: jax.Array = eqstate.Rng.field()
 
     with pytest.raises(
         TypeError,
-        match=r"Noisy\.key is an `Rng` field but holds .* not a PRNG key.*jax\.random\.key\(0\)",
+        match=r"Noisy\.key is an `Rng` field but holds an array of dtype int32, not a PRNG key.*jax\.random\.key\(0\)",
     ):
-        Noisy()
+        Noisy(0)
 
     class Fine(eqstate.Module):
         key: jax.Array = eqstate.Rng.field(default_factory=lambda: jax.random.PRNGKey(0))
