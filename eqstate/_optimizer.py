@@ -1,5 +1,6 @@
 """`Optimizer`: an optax transformation and its state, as a module."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from ._filters import Filter, check_same_structure, combine
+from ._filters import Filter, check_same_structure, describe
 from ._grad import split_differentiable
 from ._kinds import OptState, Param
 from ._module import Module, mutating
@@ -19,6 +20,96 @@ _MSG_MISSING_GRAD = (
     "(wrt={wrt}). Compute grads with `eqstate.grad(..., wrt=...)` using the "
     "optimizer's filter, or build the optimizer with a `wrt=` that excludes this leaf."
 )
+_MSG_GRAD_SHAPE = (
+    "Optimizer.update: grads at {path} is {grad}, but the model's leaf there is {param}. "
+    "Pass the gradients of the model you pass as the second argument, as "
+    "`eqstate.grad` / `eqstate.value_and_grad` compute them: "
+    "`model, opt = opt.update(grads, model)`."
+)
+_MSG_MODEL_SHAPE = (
+    "Optimizer.update: the model's leaf at {path} is {new}, but in the model this "
+    "optimizer was built from it is {old}; the optax state (e.g. Adam's moments) has the "
+    "shapes and dtypes of that model. Build the optimizer from the model you train: "
+    "`opt = eqstate.Optimizer(tx, model)`."
+)
+_MSG_MODEL_STRUCTURE = (
+    "Optimizer.update: the model has {new} leaves (counting `None`), but this optimizer "
+    "was built for a model with {old}. Build the optimizer from the model you train: "
+    "`opt = eqstate.Optimizer(tx, model)`."
+)
+_MSG_SWAPPED = (
+    "Optimizer.update: the `model` argument has None at {path}, where the `grads` "
+    "argument has {what}; the arguments look swapped. The order is "
+    "`opt.update(grads, model)` (optax's order, `tx.update(grads, state, params)`; "
+    "Flax NNX's `optimizer.update(model, grads)` is the other way round)."
+)
+_MSG_MODEL_IS_OPTIMIZER = (
+    "Optimizer.update: the `model` argument is an Optimizer. The order is "
+    "`model, opt = opt.update(grads, model)`: the gradients, then the model being trained."
+)
+_MSG_PUT_BACK = (
+    "{cls}.update{call} {does}, but it was given {given} (such as `{example}` or a "
+    "loaded checkpoint). To put a tree back into a module, use "
+    "`eqstate.update(module, tree)`, e.g. `{name} = eqstate.update({name}, tree)`."
+)
+_MSG_NO_MODEL = (
+    "Optimizer.update needs the model: `model, opt = opt.update(grads, model)`. (To put "
+    "a tree back into a module, use `eqstate.update(module, tree)`.)"
+)
+_MSG_READ_ONLY = (
+    "opt.opt_state is a read-only view: it is rebuilt from the optimizer's leaves on every "
+    "access, so a change to it would be silently lost. To change a hyperparameter, make a "
+    "new optimizer: `opt = opt.with_hyperparams({key}=...)` (the transformation must be "
+    "built with `optax.inject_hyperparams`, e.g. "
+    "`optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)`)."
+)
+_MSG_NO_HYPERPARAM = (
+    "Optimizer.with_hyperparams: {names} {is_} not among the hyperparameters this "
+    "optimizer holds in its state; {available}. Only a transformation built with "
+    "`optax.inject_hyperparams` keeps its hyperparameters in its state, e.g. "
+    "`eqstate.Optimizer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), model)`."
+)
+_MSG_SCHEDULED = (
+    "Optimizer.with_hyperparams: {name} follows a schedule in this optimizer; optax "
+    "recomputes it from the schedule at every step, so a value set here would be "
+    "overwritten. Inject a constant {name} to set it by hand, or change the schedule."
+)
+_MSG_HYPERPARAM_SHAPE = (
+    "Optimizer.with_hyperparams: {name} must be a value of shape {old}, as the optimizer "
+    "holds it, got shape {new}."
+)
+
+
+class _Shapes:
+    """The shape and dtype of each leaf an optimizer updates, `None` at the model's other
+    leaves (`None` counted as a leaf).
+
+    A static field, hence part of every jit cache key: it is hashed once, and copies of
+    an optimizer share it, so comparing two of them is an identity check.
+    """
+
+    __slots__ = ("_hash", "entries")
+
+    def __init__(self, entries: tuple[tuple[tuple[int, ...], Any] | None, ...]):
+        self.entries = entries
+        self._hash = hash(entries)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Shapes)
+            and self._hash == other._hash
+            and self.entries == other.entries
+        )
+
+    def __repr__(self) -> str:
+        n = sum(e is not None for e in self.entries)
+        return f"<shapes and dtypes of {n} leaves>"
+
+
+_NO_MODEL: Any = object()
 
 
 class Optimizer(Module):
@@ -35,9 +126,12 @@ class Optimizer(Module):
     - `opt_leaves`: the leaves of optax's state (`OptState`), stored flat so that a
         jitted step does not rebuild copies of the model's structure for it.
     - `opt_def`: the structure of optax's state (static).
+    - `shapes`: the shapes and dtypes of the leaves it updates, as in the model it was
+        built from (static); `update` checks the model and the gradients against them.
     - `step`: how many times `update` has been called (`OptState`, int32).
 
-    `opt.opt_state` gives optax's state in its own structure.
+    `opt.opt_state` gives optax's state in its own structure, as a read-only view:
+    change hyperparameters with `opt.with_hyperparams(...)`.
 
     !!! example
 
@@ -56,6 +150,7 @@ class Optimizer(Module):
     wrt: Any = eqx.field(static=True)
     opt_leaves: tuple[Any, ...] = OptState.field()
     opt_def: Any = eqx.field(static=True)
+    shapes: _Shapes = eqx.field(static=True)
     step: jax.Array = OptState.field()
 
     def __init__(self, tx: optax.GradientTransformation, model: Any, *, wrt: Filter = Param):
@@ -65,7 +160,9 @@ class Optimizer(Module):
             `optax.multi_transform`, `optax.MultiSteps(...)`, ...).
         - `model`: the model whose `wrt` leaves are optimised; used to initialise the
             optimizer state (not stored).
-        - `wrt`: a filter, as in `eqstate.filter`; default `eqstate.Param`.
+        - `wrt`: a filter, as in `eqstate.filter` (a kind, `...`, a callable
+            `(path, kind, leaf) -> bool` or `leaf -> bool`, or a tuple of these);
+            default `eqstate.Param`. It must match at least one inexact-array leaf.
         """
         if not isinstance(tx, optax.GradientTransformation):
             tx = getattr(tx, "gradient_transformation", lambda: tx)()  # optax.MultiSteps
@@ -76,37 +173,114 @@ class Optimizer(Module):
             )
         self.tx = tx
         self.wrt = wrt
-        params, _ = split_differentiable(model, wrt)
+        params, _ = split_differentiable(model, wrt, "eqstate.Optimizer", "optimise")
         leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
         self.opt_leaves = tuple(leaves)
+        self.shapes = _Shapes(
+            tuple(
+                None if p is None else (tuple(p.shape), p.dtype)
+                for p in jtu.tree_leaves(params, is_leaf=_is_none)
+            )
+        )
         self.step = jnp.zeros((), jnp.int32)
 
     @property
     def opt_state(self) -> Any:
-        """optax's state, in the structure optax gave it."""
+        """optax's state, in the structure optax gave it, as a read-only view.
+
+        Its dicts (such as `hyperparams` of `optax.inject_hyperparams`) refuse
+        assignment: the view is rebuilt on each access, so a change would be lost. Use
+        `opt.with_hyperparams(...)`.
+        """
+        return _read_only(self._state())
+
+    def _state(self) -> Any:
         return self.opt_def.unflatten(self.opt_leaves)
+
+    def with_hyperparams(self, **values: Any) -> "Optimizer":
+        """A new optimizer with hyperparameters injected by `optax.inject_hyperparams` set.
+
+        **Arguments:**
+
+        - `**values`: hyperparameter names and values (scalars or arrays of the shape
+            the optimizer holds; cast to its dtype). A name is set in every injected
+            state that has it, e.g. in both halves of an `optax.chain`.
+
+        **Returns:**
+
+        A new `Optimizer` with the same structure (a jitted step does not recompile);
+        `self` is unchanged. Works inside `jax.jit` too.
+
+        !!! example
+
+            ```python
+            opt = eqstate.Optimizer(optax.inject_hyperparams(optax.adam)(learning_rate=1e-3), model)
+            opt = opt.with_hyperparams(learning_rate=1e-4)
+            ```
+        """
+        if not values:
+            return self
+        found: set[str] = set()
+        available: set[str] = set()
+
+        def set_values(node: Any) -> Any:
+            if not _is_injected(node):
+                return node
+            hyper, schedules = node.hyperparams, getattr(node, "hyperparams_states", None) or {}
+            available.update(hyper)
+            new = dict(hyper)
+            for name, value in values.items():
+                if name in schedules:
+                    raise ValueError(_MSG_SCHEDULED.format(name=name))
+                if name in hyper:
+                    new[name] = _like(value, hyper[name], name)
+                    found.add(name)
+            return node._replace(hyperparams=new)
+
+        state = _map_nodes(self._state(), set_values)
+        missing = sorted(set(values) - found)
+        if missing:
+            raise ValueError(
+                _MSG_NO_HYPERPARAM.format(
+                    names=", ".join(missing),
+                    is_="is" if len(missing) == 1 else "are",
+                    available=(
+                        f"it holds {', '.join(sorted(available))}" if available else "it holds none"
+                    ),
+                )
+            )
+        leaves, treedef = jtu.tree_flatten(state)
+        assert treedef == self.opt_def, (treedef, self.opt_def)
+        return eqx.tree_at(lambda o: o.opt_leaves, self, tuple(leaves))
 
     @mutating
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
-        self, grads: Any, model: Any, **extra_args: Any
+        self, grads: Any, model: Any = _NO_MODEL, **extra_args: Any
     ) -> Any:
         """Apply one optimizer step. Returns `(new_model, new_optimizer)`.
+
+        This `update` trains; it is not `eqstate.Module.update`, which puts trees back
+        into a module. To load a saved optimizer state into `opt`, use
+        `opt = eqstate.update(opt, tree)`.
 
         **Arguments:**
 
         - `grads`: gradients with the structure of `model` (`None` where absent), as
             returned by `eqstate.grad` / `eqstate.value_and_grad` or `eqx.filter_grad`.
-            Gradients of leaves outside `wrt` are ignored.
-        - `model`: the model to update.
+            Gradients of leaves outside `wrt` are ignored; the others must have the
+            shapes of the model's leaves.
+        - `model`: the model to update. Its `wrt` leaves must have the shapes and dtypes
+            of those of the model the optimizer was built from. The order is optax's:
+            gradients first, then the model.
         - `**extra_args`: passed on to `tx.update`, for transformations that need them:
             `value=loss` for `optax.contrib.reduce_on_plateau`; `value=`, `grad=` and
             `value_fn=` for `optax.lbfgs` (`value_fn` takes the `wrt` leaves, as a tree
             of the model's structure, and returns the loss).
         """
-        params, _ = split_differentiable(model, self.wrt)
-        grads = _matching_grads(grads, params, self.wrt)
+        _check_arguments(grads, model)
+        params, grads, m_leaves, m_def = self._params_and_grads(grads, model)
         tx = optax.with_extra_args_support(self.tx)
-        updates, state = tx.update(grads, self.opt_state, params, **extra_args)
+        updates, state = tx.update(grads, self._state(), params, **extra_args)
         leaves, treedef = jtu.tree_flatten(state)
         if treedef != self.opt_def:
             raise ValueError(
@@ -116,22 +290,86 @@ class Optimizer(Module):
             )
         self.opt_leaves = tuple(leaves)
         self.step += 1
-        return combine(optax.apply_updates(params, updates), model)
+        new_params = jtu.tree_leaves(optax.apply_updates(params, updates), is_leaf=_is_none)
+        return m_def.unflatten([m if p is None else p for m, p in zip(m_leaves, new_params)])
+
+    def _params_and_grads(self, grads: Any, model: Any) -> tuple[Any, Any, list, Any]:
+        """The model's `wrt` leaves and the matching gradients (`None` elsewhere), checked;
+        and the model's leaves and treedef (`None` counted as a leaf)."""
+        (m_leaves, m_def), (g_leaves, _) = check_same_structure(
+            (model, grads),
+            "Optimizer.update",
+            lambda i: "grads" if i else "the model",
+            "Pass the gradients of this model, from eqstate.grad / eqstate.value_and_grad, "
+            "in the order `opt.update(grads, model)`.",
+        )
+        for i, (m, g) in enumerate(zip(m_leaves, g_leaves)):
+            if m is None and g is not None:
+                what = _describe(g) if eqx.is_array(g) else repr(g)
+                raise ValueError(_MSG_SWAPPED.format(path=_path(model, i), what=what))
+        params, _ = split_differentiable(model, self.wrt, "Optimizer.update", "optimise")
+        p_leaves = jtu.tree_leaves(params, is_leaf=_is_none)
+        entries = self.shapes.entries
+        if len(entries) != len(p_leaves):
+            raise ValueError(_MSG_MODEL_STRUCTURE.format(new=len(p_leaves), old=len(entries)))
+        for i, (p, e) in enumerate(zip(p_leaves, entries)):
+            if (e is None) if p is None else (e == (p.shape, p.dtype)):
+                continue
+            unselected = f"not an inexact array that wrt={describe(self.wrt)} selects"
+            new = _describe(p) if p is not None else f"{_describe(m_leaves[i])}, {unselected}"
+            old = unselected if e is None else f"{e[1]}{list(e[0])}"
+            raise ValueError(_MSG_MODEL_SHAPE.format(path=_path(model, i), new=new, old=old))
+        out = []
+        for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
+            if p is None:
+                out.append(None)
+                continue
+            if g is None:
+                raise ValueError(
+                    _MSG_MISSING_GRAD.format(path=_path(model, i), wrt=describe(self.wrt))
+                )
+            if not (eqx.is_inexact_array(g) and g.shape == p.shape):
+                raise ValueError(
+                    _MSG_GRAD_SHAPE.format(
+                        path=_path(model, i), grad=_describe(g), param=_describe(p)
+                    )
+                )
+            out.append(g)
+        return params, m_def.unflatten(out), m_leaves, m_def
 
 
-def _matching_grads(grads: Any, params: Any, wrt: Filter) -> Any:
-    """`grads` at the leaves of `params` (`None` elsewhere); an error where one is missing."""
-    (p_leaves, p_def), (g_leaves, _) = check_same_structure(
-        (params, grads),
-        "Optimizer.update",
-        lambda i: "grads" if i else "the model",
-        "Pass the gradients of this model, from eqstate.grad / eqstate.value_and_grad.",
-    )
-    for i, (g, p) in enumerate(zip(g_leaves, p_leaves)):
-        if p is not None and g is None:
-            path = jtu.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0][i][0]
-            raise ValueError(_MSG_MISSING_GRAD.format(path=jtu.keystr(path), wrt=_name(wrt)))
-    return p_def.unflatten([None if p is None else g for g, p in zip(g_leaves, p_leaves)])
+def _check_arguments(grads: Any, model: Any) -> None:
+    if isinstance(grads, Optimizer):
+        raise TypeError(
+            _MSG_PUT_BACK.format(
+                cls="Optimizer",
+                call="(grads, model)",
+                does="applies one optimizer step",
+                given="an Optimizer tree as `grads`",
+                example="opt.states()",
+                name="opt",
+            )
+        )
+    if model is _NO_MODEL:
+        raise TypeError(_MSG_NO_MODEL)
+    if isinstance(model, Optimizer):
+        raise TypeError(_MSG_MODEL_IS_OPTIMIZER)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _path(tree: Any, index: int) -> str:
+    """The key path of leaf `index` of `tree`, `None` counted as a leaf."""
+    path = jtu.tree_flatten_with_path(tree, is_leaf=_is_none)[0][index][0]
+    return jtu.keystr(path) or "the root"
+
+
+def _describe(x: Any) -> str:
+    if eqx.is_array(x):
+        return f"{x.dtype}{list(x.shape)}"
+    return "None" if x is None else f"a {type(x).__name__}"
 
 
 def _unaliased(state: Any, params: Any) -> Any:
@@ -141,5 +379,80 @@ def _unaliased(state: Any, params: Any) -> Any:
     return jtu.tree_map(lambda x: jnp.copy(x) if id(x) in ids else x, state)
 
 
-def _name(f: Any) -> str:
-    return getattr(f, "__name__", repr(f))
+def _is_injected(node: Any) -> bool:
+    """Whether `node` is the state of `optax.inject_hyperparams` (a NamedTuple)."""
+    return isinstance(node, tuple) and isinstance(getattr(node, "hyperparams", None), dict)
+
+
+def _like(value: Any, old: Any, name: str) -> Any:
+    value = jnp.asarray(value)
+    shape = jnp.shape(old)
+    if value.shape != shape:
+        raise ValueError(_MSG_HYPERPARAM_SHAPE.format(name=name, old=shape, new=value.shape))
+    return value.astype(jnp.result_type(old))
+
+
+def _map_nodes(x: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply `fn` bottom-up to the tuples, NamedTuples, lists and dicts of `x`."""
+    if type(x) is dict:
+        return fn({k: _map_nodes(v, fn) for k, v in x.items()})
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return fn(type(x)(*(_map_nodes(v, fn) for v in x)))
+    if type(x) in (tuple, list):
+        return fn(type(x)(_map_nodes(v, fn) for v in x))
+    return x
+
+
+class _ReadOnlyDict(dict):
+    """A dict of `opt.opt_state` that refuses changes; a pytree node like a dict."""
+
+    def _refuse(self, key: Any = None) -> Any:
+        key = key if isinstance(key, str) and key.isidentifier() else "name"
+        raise TypeError(_MSG_READ_ONLY.format(key=key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._refuse(key)
+
+    def __delitem__(self, key: Any) -> None:
+        self._refuse(key)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self._refuse(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self._refuse(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        given = dict(*args, **kwargs)
+        self._refuse(next(iter(given), None))
+
+    def __ior__(self, other: Any) -> Any:
+        self._refuse(next(iter(dict(other)), None))
+
+    def clear(self) -> None:
+        self._refuse()
+
+    def popitem(self) -> Any:
+        self._refuse()
+
+    def __reduce__(self) -> Any:
+        return (_ReadOnlyDict, (dict(self),))
+
+
+def _keys(d: dict) -> list:
+    try:
+        return sorted(d)
+    except TypeError:
+        return list(d)
+
+
+jtu.register_pytree_with_keys(
+    _ReadOnlyDict,
+    lambda d: ([(jtu.DictKey(k), d[k]) for k in _keys(d)], tuple(_keys(d))),
+    lambda keys, children: _ReadOnlyDict(zip(keys, children)),
+    flatten_func=lambda d: ([d[k] for k in _keys(d)], tuple(_keys(d))),
+)
+
+
+def _read_only(state: Any) -> Any:
+    return _map_nodes(state, lambda n: _ReadOnlyDict(n) if type(n) is dict else n)

@@ -157,3 +157,177 @@ def test_errors():
         opt.update(grads, model)
     with pytest.raises(ValueError, match="Optimizer.update: grads does not have the structure"):
         opt.update({"head": jnp.ones(4)}, model)
+
+
+class Wide(eqstate.Module):
+    w: jax.Array
+    bn: eqstate.nn.BatchNorm
+
+    def __init__(self, width):
+        self.w = jnp.ones(width)
+        self.bn = eqstate.nn.BatchNorm(2)
+
+
+def wide_loss(m):
+    return jnp.sum(m.w**2) + jnp.sum(m.bn.weight)
+
+
+def test_model_and_grads_of_other_shapes_are_errors():
+    opt = eqstate.Optimizer(optax.adam(1e-2), Wide(3))
+    narrow = Wide(1)
+    with pytest.raises(
+        ValueError,
+        match=r"Optimizer\.update: the model's leaf at \.w is float32\[1\], but in the model "
+        r"this optimizer was built from it is float32\[3\].*`opt = eqstate\.Optimizer\(tx, model\)`",
+    ):
+        opt.update(eqstate.grad(wide_loss)(narrow), narrow)
+    with pytest.raises(
+        ValueError,
+        match=r"Optimizer\.update: grads at \.w is float32\[1\], but the model's leaf there is "
+        r"float32\[3\]\. Pass the gradients of the model",
+    ):
+        opt.update(eqstate.grad(wide_loss)(narrow), Wide(3))
+    half = eqx.tree_at(lambda m: m.bn.weight, Wide(3), jnp.ones(2, jnp.bfloat16))
+    with pytest.raises(
+        ValueError, match=r"leaf at \.bn\.weight is bfloat16\[2\], but .* it is float32\[2\]"
+    ):
+        opt.update(eqstate.grad(wide_loss)(Wide(3)), half)
+    ints = eqx.tree_at(lambda m: m.w, Wide(3), jnp.ones(3, jnp.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"leaf at \.w is int32\[3\], not an inexact array that wrt=eqstate\.Param selects",
+    ):
+        opt.update(eqstate.grad(wide_loss)(Wide(3)), ints)
+    # under jit too, at trace time; the right shapes still work
+    step = eqx.filter_jit(lambda g, m, o: o.update(g, m))
+    with pytest.raises(ValueError, match=r"leaf at \.w is float32\[1\]"):
+        step(eqstate.grad(wide_loss)(narrow), narrow, opt)
+    model, opt2 = step(eqstate.grad(wide_loss)(Wide(3)), Wide(3), opt)
+    assert model.w.shape == (3,) and int(opt2.step) == 1
+    assert hash(opt2.shapes) == hash(opt.shapes) and opt2.shapes == opt.shapes
+
+
+def test_swapped_arguments_are_an_error():
+    model = Net(jax.random.key(0))
+    opt = eqstate.Optimizer(optax.sgd(0.1), model)
+    (_, model), grads = vg(model, X, Y)
+    swapped = r"the arguments look swapped\. The order is `opt\.update\(grads, model\)`"
+    with pytest.raises(
+        ValueError,
+        match=r"Optimizer\.update: the `model` argument has None at \.bn\.running_mean, where "
+        r"the `grads` argument has float32\[4\]; " + swapped,
+    ):
+        opt.update(model, grads)  # NNX's order
+    all_grads = eqx.filter_grad(lambda m: loss_fn(m, X, Y)[0])(model)
+    with pytest.raises(
+        ValueError, match=r"has None at \.bn\.inference, where .* has False; " + swapped
+    ):
+        opt.update(model, all_grads)
+    with pytest.raises(TypeError, match=r"the `model` argument is an Optimizer\. The order is"):
+        opt.update(grads, opt)
+
+
+def test_putting_a_tree_back_is_not_a_step():
+    model = Net(jax.random.key(0))
+    opt = eqstate.Optimizer(optax.adam(1e-2), model)
+    put_back = r"To put a tree back into a module, use `eqstate\.update\(module, tree\)`"
+    with pytest.raises(
+        TypeError,
+        match=r"Optimizer\.update\(grads, model\) applies one optimizer step, but it was given an "
+        r"Optimizer tree as `grads`.*"
+        + put_back
+        + r", e\.g\. `opt = eqstate\.update\(opt, tree\)`",
+    ):
+        opt.update(opt.states())
+    with pytest.raises(TypeError, match=put_back):
+        opt.update(opt.states(), model)
+    with pytest.raises(
+        TypeError,
+        match=r"Optimizer\.update needs the model: `model, opt = opt\.update\(grads, model\)`",
+    ):
+        opt.update(vg(model, X, Y)[1])
+
+
+def test_wrt_that_selects_nothing_and_one_argument_filters():
+    model = Net(jax.random.key(0))
+    with pytest.raises(
+        ValueError,
+        match=r"eqstate\.Optimizer: wrt=eqstate\.Rng matches no inexact-array .* nothing to "
+        r"optimise\. Its array leaves are: \.linear\.weight \(Param, float32\[4, 3\]\)",
+    ):
+        eqstate.Optimizer(optax.sgd(0.1), model, wrt=eqstate.Rng)
+    with pytest.raises(TypeError, match=r"eqstate\.Optimizer wrt=: the callable filter <lambda>"):
+        eqstate.Optimizer(optax.sgd(0.1), model, wrt=lambda a, b: True)
+    # Equinox's one-argument filters work as wrt=: here every float leaf, state included
+    opt = eqstate.Optimizer(optax.sgd(1.0), model, wrt=eqx.is_inexact_array)
+    ones = jax.tree_util.tree_map(jnp.ones_like, eqx.filter(model, eqx.is_inexact_array))
+    new, _ = opt.update(ones, model)
+    np.testing.assert_allclose(new.bn.running_var, np.zeros(4))
+
+
+def injected(lr=0.1):
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+
+
+def test_hyperparams_change_through_with_hyperparams():
+    model = Net(jax.random.key(0))
+    opt = eqstate.Optimizer(injected(), model)
+    (_, model), grads = vg(model, X, Y)
+
+    @count_traces
+    def step(opt, grads, model):
+        return opt.update(grads, model)
+
+    jstep = eqx.filter_jit(step)
+    slow = opt.with_hyperparams(learning_rate=0.01)
+    assert float(opt.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.1)
+    assert float(slow.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.01)
+    assert slow.opt_state.hyperparams["learning_rate"].dtype == jnp.float32
+    fast_model, _ = jstep(opt, grads, model)
+    slow_model, slow = jstep(slow, grads, model)
+    np.testing.assert_allclose(slow_model.head, model.head - 0.01 * grads.head, rtol=1e-5)
+    np.testing.assert_allclose(fast_model.head, model.head - 0.1 * grads.head, rtol=1e-5)
+    assert step.traces == 1  # same structure: no recompilation
+    assert float(slow.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.01)  # it stays
+    # inside jit, with a traced value; optax's tree utilities read the view
+    halved = eqx.filter_jit(lambda o, lr: o.with_hyperparams(learning_rate=lr))(opt, 0.05)
+    assert float(optax.tree_utils.tree_get(halved.opt_state, "learning_rate")) == pytest.approx(
+        0.05
+    )
+    # the read-only view is still a pytree with the state's leaves
+    assert len(jax.tree_util.tree_leaves(opt.opt_state)) == len(opt.opt_leaves)
+    # nested in a chain: set wherever it is injected
+    chained = eqstate.Optimizer(optax.chain(optax.clip(1.0), injected()), model)
+    chained = chained.with_hyperparams(learning_rate=0.5)
+    assert float(chained.opt_state[1].hyperparams["learning_rate"]) == pytest.approx(0.5)
+
+
+def test_opt_state_is_read_only_and_with_hyperparams_errors():
+    model = Net(jax.random.key(0))
+    opt = eqstate.Optimizer(injected(), model)
+    fix = r"`opt = opt\.with_hyperparams\(learning_rate=\.\.\.\)`"
+    with pytest.raises(
+        TypeError, match=r"opt\.opt_state is a read-only view: .* silently lost\. .*" + fix
+    ):
+        opt.opt_state.hyperparams["learning_rate"] = 0.01  # optax's idiom, lost on a copy
+    with pytest.raises(TypeError, match=fix):
+        opt.opt_state.hyperparams.update(learning_rate=0.01)
+    with pytest.raises(TypeError, match=r"with_hyperparams\(name=\.\.\.\)"):
+        opt.opt_state.hyperparams.clear()
+    with pytest.raises(
+        ValueError,
+        match=r"Optimizer\.with_hyperparams: lr is not among the hyperparameters this optimizer "
+        r"holds in its state; it holds learning_rate\. .*optax\.inject_hyperparams",
+    ):
+        opt.with_hyperparams(lr=0.01)
+    with pytest.raises(ValueError, match=r"learning_rate is not among .* it holds none"):
+        eqstate.Optimizer(optax.sgd(0.1), model).with_hyperparams(learning_rate=0.01)
+    scheduled = eqstate.Optimizer(injected(optax.linear_schedule(0.1, 0.0, 10)), model)
+    with pytest.raises(
+        ValueError, match=r"learning_rate follows a schedule .* would be overwritten"
+    ):
+        scheduled.with_hyperparams(learning_rate=0.01)
+    with pytest.raises(
+        ValueError, match=r"learning_rate must be a value of shape \(\), .* got shape \(2,\)"
+    ):
+        opt.with_hyperparams(learning_rate=jnp.ones(2))
