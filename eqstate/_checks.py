@@ -99,6 +99,8 @@ def fit(value: Any, old: Any, where: Where, fixed_shape: bool) -> Any:
     """`value` with `old`'s dtype (a key stays a key), checked for `old`'s shape."""
     if not (is_array_like(value) and _fits(value, old, fixed_shape)):
         return _fit_slow(value, old, where_str(where), fixed_shape)
+    if isinstance(value, np.ndarray) and isinstance(old, np.ndarray):
+        return value  # a NumPy leaf stays NumPy
     return cast_like(value, old)
 
 

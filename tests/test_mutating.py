@@ -461,3 +461,11 @@ def test_frozen_after_the_call_and_outside_it():
     _, new = bag.grow(jnp.ones(2))
     with pytest.raises(dataclasses.FrozenInstanceError):
         new.count = jnp.array(3)
+
+
+def test_numpy_leaves_stay_numpy():
+    bag = make_bag()
+    _, new = bag.grow(jnp.ones(2))
+    assert isinstance(new.w, np.ndarray) and new.w is not bag.w
+    _, same = bag.set_key("a", jnp.zeros(2))
+    assert isinstance(same.w, np.ndarray)
