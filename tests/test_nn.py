@@ -191,3 +191,183 @@ def test_train_eval_switch_equinox_layers_too():
     ev = eqstate.eval(model)
     assert all(m.inference for m in ev)
     assert not any(m.inference for m in eqstate.train(ev))
+
+
+def test_batch_norm_refuses_what_it_cannot_normalise():
+    bn = BatchNorm(3)
+    with pytest.raises(
+        TypeError,
+        match=r"BatchNorm: x has dtype int32, but batch normalisation needs a floating-point "
+        r"input .* `bn\(x\.astype\(jnp\.float32\)\)`",
+    ):
+        bn(jnp.ones((4, 3), jnp.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm in training got a batch of shape \(1, 3\): one value per feature, so "
+        r"its variance is 0.*`running_var` would decay to 0.*`eqstate\.eval\(model\)`",
+    ):
+        bn(jnp.ones((1, 3)))
+    # one example with spatial axes has several values per feature; inference is fine
+    _, after = BatchNorm(3)(jnp.arange(12.0).reshape(1, 3, 4))
+    assert float(after.running_var[0]) > 0.99
+    y, _ = bn(jnp.ones((1, 3)), inference=True)
+    assert y.shape == (1, 3)
+    y, _ = eqstate.eval(bn)(jnp.ones((1, 3)))
+    # per example inside jax.vmap: say what to do instead
+    per_example = (
+        r"got shape \(3,\): a single example\. BatchNorm normalises whole batches, so call it "
+        r"on the batch, `y, bn = bn\(x\)` with `x` of shape \(N, 3, \.\.\.\), not per example "
+        r"inside `jax\.vmap`"
+    )
+    with pytest.raises(ValueError, match=per_example):
+        jax.vmap(lambda x: bn(x)[0])(jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"got shape \(4, 5\)\. Set `axis=` to the feature axis"):
+        bn(jnp.ones((4, 5)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"num_features": 3.0},
+            TypeError,
+            r"num_features=\.\.\.\) must be a positive int, .* got 3\.0 \(float\)\. Pass e\.g\. `BatchNorm\(3\)`",
+        ),
+        ({"num_features": True}, TypeError, r"num_features=\.\.\.\) must be a positive int"),
+        (
+            {"num_features": 0},
+            ValueError,
+            r"num_features=\.\.\.\) must be a positive int, .* got 0 \(int\)",
+        ),
+        (
+            {"num_features": 3, "momentum": "0.9"},
+            TypeError,
+            r"BatchNorm\(momentum=\.\.\.\) must be a number in \[0, 1\], got '0\.9' \(str\)",
+        ),
+        (
+            {"num_features": 3, "eps": -1.0},
+            ValueError,
+            r"BatchNorm\(eps=\.\.\.\) must be non-negative",
+        ),
+        (
+            {"num_features": 3, "eps": None},
+            TypeError,
+            r"BatchNorm\(eps=\.\.\.\) must be a non-negative number",
+        ),
+        (
+            {"num_features": 3, "axis": 1.0},
+            TypeError,
+            r"BatchNorm\(axis=\.\.\.\) must be an int \(the feature axis",
+        ),
+        (
+            {"num_features": 3, "dtype": jnp.int32},
+            TypeError,
+            r"BatchNorm\(dtype=\.\.\.\) must be a floating dtype .* got int32",
+        ),
+    ],
+)
+def test_batch_norm_constructor_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        BatchNorm(**kwargs)
+
+
+def test_batch_norm_accepts_numpy_ints():
+    bn = BatchNorm(np.int64(3), axis=np.int32(-1), dtype=jnp.bfloat16)
+    assert bn.running_mean.shape == (3,) and bn.axis == -1 and type(bn.axis) is int
+    assert bn.running_mean.dtype == jnp.bfloat16
+
+
+def test_dropout_refuses_what_it_cannot_drop():
+    d = Dropout(0.5, key=jax.random.key(0))
+    with pytest.raises(
+        TypeError,
+        match=r"Dropout: x has dtype int32, but dropout scales the kept values by 1 / \(1 - p\).*"
+        r"`drop\(x\.astype\(jnp\.float32\)\)`",
+    ):
+        d(jnp.ones(4, jnp.int32))
+    with pytest.raises(
+        TypeError,
+        match=r"Dropout\(key=\.\.\.\) expects a PRNG key, got 0 \(int\)\. Make one from a seed: "
+        r"`Dropout\(p, key=jax\.random\.key\(0\)\)`",
+    ):
+        Dropout(0.5, key=0)
+    with pytest.raises(TypeError, match=r"expects a PRNG key, got an array float32\[2\]"):
+        Dropout(0.5, key=jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"Dropout\(p=\.\.\.\) must be a Python number in \[0, 1\]"):
+        Dropout(jnp.asarray(0.5), key=jax.random.key(0))
+
+
+def test_dropout_per_example_under_vmap_is_an_error():
+    d = Dropout(0.5, key=jax.random.key(0))
+    xs = jnp.ones((8, 16))
+    with pytest.raises(
+        ValueError,
+        match=r"Dropout was called per example inside `jax\.vmap` with one key for the whole "
+        r"batch, so every example would get the same mask\. Call it on the batch, "
+        r"`y, model = model\(x\)`",
+    ):
+        jax.vmap(lambda x: d(x)[0])(xs)
+    with pytest.raises(ValueError, match="same mask"):  # under jit and grad too
+        jax.jit(jax.grad(lambda xs: jnp.sum(jax.vmap(lambda x: d(x)[0])(xs))))(xs)
+    # in inference nothing is drawn, so vmapping is fine
+    ys, _ = jax.vmap(lambda x: eqstate.eval(d)(x), out_axes=(0, None))(xs)
+    np.testing.assert_array_equal(ys, xs)
+    # a batch of Dropout modules, each with its own key, is fine
+    many = jax.vmap(lambda k: Dropout(0.5, key=k))(jax.random.split(jax.random.key(0), 8))
+    ys, _ = jax.vmap(lambda m, x: m(x))(many, xs)
+    assert len({tuple(np.asarray(r)) for r in ys}) == 8
+    # and on the whole batch, every example gets its own mask
+    ys, _ = d(xs)
+    assert len({tuple(np.asarray(r)) for r in ys}) == 8
+
+
+def test_ema_refuses_models_of_other_shapes_and_trees_to_put_back():
+    model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    ema = EMA(model, decay=0.5)
+    halved = eqx.tree_at(lambda m: m.weight, model, model.weight.astype(jnp.bfloat16))
+    fix = r"build the EMA from the model you train: `ema = eqstate\.nn\.EMA\(model, decay=\.\.\.\)`"
+    with pytest.raises(
+        ValueError,
+        match=r"EMA\.update: the model's leaf at \.weight is bfloat16\[2, 2\], but the average "
+        r"holds float32\[2, 2\] there\..*" + fix,
+    ):
+        ema.update(halved)
+    with pytest.raises(
+        ValueError, match=r"EMA\.apply: the model's leaf at \.weight is bfloat16\[2, 2\]"
+    ):
+        ema.apply(halved)
+    wide = eqx.tree_at(lambda m: m.bias, model, jnp.zeros(5))
+    with pytest.raises(
+        ValueError,
+        match=r"EMA\.update: the model's leaf at \.bias is float32\[5\], but the average holds float32\[2\]",
+    ):
+        ema.update(wide)
+    with pytest.raises(ValueError, match=r"EMA\.apply: the model's leaf at \.bias is float32\[5\]"):
+        ema.apply(wide)
+    frozen = eqx.tree_at(lambda m: m.bias, model, jnp.zeros(2, jnp.int32))
+    with pytest.raises(
+        ValueError,
+        match=r"leaf at \.bias is int32\[2\], not a leaf that wrt=eqstate\.Param selects",
+    ):
+        ema.update(frozen)
+    with pytest.raises(
+        ValueError, match=r"EMA\.update: the average does not have the structure of the model"
+    ):
+        ema.update({"weight": model.weight})
+    with pytest.raises(
+        TypeError,
+        match=r"EMA\.update\(model\) moves the average towards a model, but it was given an EMA "
+        r"tree .* use `eqstate\.update\(module, tree\)`, e\.g\. `ema = eqstate\.update\(ema, tree\)`",
+    ):
+        ema.update(ema.states())
+    with pytest.raises(
+        ValueError, match=r"EMA: wrt=eqstate\.State matches no inexact-array .* nothing to average"
+    ):
+        EMA(model, wrt=eqstate.State)
+    with pytest.raises(TypeError, match=r"EMA\(decay=\.\.\.\) must be a number in \[0, 1\]"):
+        EMA(model, decay="0.99")
+    with pytest.raises(ValueError, match=r"EMA\(decay=\.\.\.\) must be a number in \[0, 1\]"):
+        EMA(model, decay=1.5)
+    # a one-argument filter as wrt=
+    both = EMA(model, wrt=eqx.is_inexact_array)
+    assert both.params.weight is not None and both.params.bias is not None

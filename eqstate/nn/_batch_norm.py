@@ -1,4 +1,6 @@
 from collections.abc import Hashable, Sequence
+from numbers import Integral, Real
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -7,6 +9,42 @@ from jaxtyping import Array, Float
 
 from .._kinds import BatchStat
 from .._module import Module, mutating
+
+
+_MSG_NUM_FEATURES = (
+    "BatchNorm(num_features=...) must be a positive int, the size of the feature axis; "
+    "got {value!r} ({type}). Pass e.g. `BatchNorm(3)` (or `BatchNorm(int(n))` for a "
+    "computed size)."
+)
+_MSG_NUMBER = "BatchNorm({name}=...) must be {what}, got {value!r} ({type})."
+_MSG_DTYPE = (
+    "BatchNorm(dtype=...) must be a floating dtype such as jnp.float32 or jnp.bfloat16, "
+    "got {dtype}: its running statistics and affine parameters hold fractions."
+)
+_MSG_INPUT_DTYPE = (
+    "BatchNorm: x has dtype {dtype}, but batch normalisation needs a floating-point input "
+    "(the output has the input's dtype, so normalised values would be truncated to "
+    "integers). Cast it first, e.g. `bn(x.astype(jnp.float32))`."
+)
+_MSG_PER_EXAMPLE = (
+    "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
+    "got shape {shape}: a single example. BatchNorm normalises whole batches, so call it "
+    "on the batch, `y, bn = bn(x)` with `x` of shape (N, {n}, ...), not per example "
+    "inside `jax.vmap` (vmap only the per-example layers: `x = jax.vmap(linear)(x)`)."
+)
+_MSG_FEATURE_AXIS = (
+    "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
+    "got shape {shape}. Set `axis=` to the feature axis of the batch (e.g. `axis=-1` for "
+    "channels-last), and call it on the whole batch rather than per example inside "
+    "`jax.vmap`."
+)
+_MSG_ONE_VALUE = (
+    "BatchNorm in training got a batch of shape {shape}: one value per feature, so its "
+    "variance is 0, the output would be just the bias and `running_var` would decay to "
+    "0. Train on batches of more than one example (or with spatial axes), average the "
+    "statistics over devices with `axis_name=`, or call it in inference mode "
+    "(`eqstate.eval(model)` or `bn(x, inference=True)`)."
+)
 
 
 class BatchNorm(Module):
@@ -66,17 +104,27 @@ class BatchNorm(Module):
         - `inference`: start in inference mode.
         - `dtype`: dtype of parameters and statistics (default float32).
         """
+        if not _is_int(num_features) or num_features <= 0:
+            raise (ValueError if _is_int(num_features) else TypeError)(
+                _MSG_NUM_FEATURES.format(value=num_features, type=type(num_features).__name__)
+            )
+        _check_number("momentum", momentum, "a number in [0, 1]", Real)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm(momentum=...) must be in [0, 1], got {momentum}.")
-        if num_features <= 0:
-            raise ValueError(f"BatchNorm(num_features=...) must be positive, got {num_features}.")
-        dtype = jnp.float32 if dtype is None else dtype
+        _check_number("eps", eps, "a non-negative number, such as 1e-5", Real)
+        if eps < 0:
+            raise ValueError(f"BatchNorm(eps=...) must be non-negative, got {eps}.")
+        _check_number("axis", axis, "an int (the feature axis, e.g. 1 or -1)", Integral)
+        dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(_MSG_DTYPE.format(dtype=dtype))
+        num_features, axis = int(num_features), int(axis)
         self.weight = jnp.ones(num_features, dtype) if affine else None
         self.bias = jnp.zeros(num_features, dtype) if affine else None
         self.running_mean = jnp.zeros(num_features, dtype)
         self.running_var = jnp.ones(num_features, dtype)
-        self.momentum = momentum
-        self.eps = eps
+        self.momentum = float(momentum)
+        self.eps = float(eps)
         self.axis = axis
         self.axis_name = axis_name
         self.inference = inference
@@ -87,24 +135,29 @@ class BatchNorm(Module):
 
         **Arguments:**
 
-        - `x`: an array with a leading batch axis and `num_features` on `self.axis`.
+        - `x`: a floating-point array with a leading batch axis and `num_features` on
+            `self.axis`: the whole batch, not one example (not per example inside
+            `jax.vmap`). In training it needs more than one value per feature (the
+            variance of one value is 0), unless `axis_name` averages over devices.
         - `inference`: overrides `self.inference` when not `None`. It may be a traced
             boolean (plain `jax.jit`, `lax.scan` carries); both branches are then
             computed and selected.
         """
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
         axis = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
         n = self.running_mean.shape[0]
         if x.ndim < 2 or axis is None or axis == 0 or x.shape[axis] != n:
-            raise ValueError(
-                f"BatchNorm expects a batch of shape (N, {n}, ...) with the features "
-                f"on axis {self.axis}, got shape {x.shape}. Call it on a whole batch "
-                "(not inside vmap), or set `axis=` to the feature axis."
-            )
+            msg = _MSG_PER_EXAMPLE if x.ndim < 2 else _MSG_FEATURE_AXIS
+            raise ValueError(msg.format(n=n, axis=self.axis, shape=x.shape))
+        flag = self.inference if inference is None else inference
+        if flag is False and self.axis_name is None and x.size == n:
+            raise ValueError(_MSG_ONE_VALUE.format(shape=x.shape))
         shape = [1] * x.ndim
         shape[axis] = n
         stat_dtype = self.running_mean.dtype
         xs = x.astype(jnp.promote_types(x.dtype, stat_dtype))
-        flag = self.inference if inference is None else inference
         if isinstance(flag, bool) and flag:
             mean, var = self.running_mean, self.running_var
         else:
@@ -128,3 +181,14 @@ class BatchNorm(Module):
         if self.weight is not None and self.bias is not None:
             y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
         return y.astype(x.dtype)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _check_number(name: str, value: Any, what: str, cls: type) -> None:
+    if isinstance(value, bool) or not isinstance(value, cls):
+        raise TypeError(
+            _MSG_NUMBER.format(name=name, what=what, value=value, type=type(value).__name__)
+        )

@@ -1,3 +1,4 @@
+from numbers import Real
 from typing import Any, TypeVar
 
 import equinox as eqx
@@ -5,13 +6,25 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .._filters import Filter, combine
+from .._filters import Filter, check_same_structure, describe
 from .._grad import split_differentiable
 from .._kinds import Param, State
 from .._module import Module, mutating
 
 
 _M = TypeVar("_M")
+
+_MSG_DECAY = "EMA(decay=...) must be a number in [0, 1] (typically 0.99 to 0.9999), got {decay!r}."
+_MSG_PUT_BACK = (
+    "EMA.update(model) moves the average towards a model, but it was given an EMA tree "
+    "(such as `ema.states()` or a loaded checkpoint). To put a tree back into a module, "
+    "use `eqstate.update(module, tree)`, e.g. `ema = eqstate.update(ema, tree)`."
+)
+_MSG_LEAF = (
+    "EMA.{method}: the model's leaf at {path} is {new}, but the average holds {old} there. "
+    "The average has the shapes and dtypes of the model the EMA was built from; build "
+    "the EMA from the model you train: `ema = eqstate.nn.EMA(model, decay=...)`."
+)
 
 
 class EMA(Module):
@@ -43,20 +56,41 @@ class EMA(Module):
     def __init__(
         self, model: Any, decay: float = 0.999, *, warmup: bool = False, wrt: Filter = Param
     ):
+        """**Arguments:**
+
+        - `model`: the model whose `wrt` leaves are averaged (copied; not stored).
+        - `decay`: the weight kept from the old average at each update, in `[0, 1]`.
+        - `warmup`: use a smaller decay early in training (see above).
+        - `wrt`: a filter, as in `eqstate.filter`; default `eqstate.Param`. It must
+            match at least one inexact-array leaf of `model`.
+        """
+        if isinstance(decay, bool) or not isinstance(decay, Real):
+            raise TypeError(_MSG_DECAY.format(decay=decay))
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA(decay=...) must be in [0, 1], got {decay}.")
-        params, _ = split_differentiable(model, wrt)
+            raise ValueError(_MSG_DECAY.format(decay=decay))
+        params, _ = split_differentiable(model, wrt, "EMA", "average")
         # own buffers: never aliases of the model's, so either can be donated
         self.params = jtu.tree_map(jnp.copy, params)
         self.step = jnp.zeros((), jnp.int32)
-        self.decay = decay
+        self.decay = float(decay)
         self.warmup = warmup
         self.wrt = wrt
 
     @mutating
     def update(self, model: Any) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
-        """Move the average towards `model`'s current leaves. Returns `(None, new_ema)`."""
-        params, _ = split_differentiable(model, self.wrt)
+        """Move the average towards `model`'s current leaves. Returns `(None, new_ema)`.
+
+        This `update` averages; it is not `eqstate.Module.update`, which puts trees back
+        into a module. To load a saved average into `ema`, use
+        `ema = eqstate.update(ema, tree)`.
+
+        `model`'s `wrt` leaves must have the shapes and dtypes of those of the model the
+        EMA was built from.
+        """
+        if isinstance(model, EMA):
+            raise TypeError(_MSG_PUT_BACK)
+        params, _ = split_differentiable(model, self.wrt, "EMA.update", "average")
+        self._check(model, params, "update")
         decay = jnp.asarray(self.decay, jnp.float32)
         if self.warmup:
             t = self.step.astype(jnp.float32)
@@ -67,5 +101,48 @@ class EMA(Module):
         self.step += 1
 
     def apply(self, model: _M) -> _M:
-        """`model` with its `wrt` leaves replaced by the average."""
-        return combine(self.params, model)
+        """`model` with its `wrt` leaves replaced by the average.
+
+        `model` must have the structure of the model the EMA was built from, with arrays
+        of the same shapes and dtypes where the average has leaves.
+        """
+        m_leaves, m_def = self._check(model, None, "apply")
+        e_leaves = jtu.tree_leaves(self.params, is_leaf=_is_none)
+        return m_def.unflatten([m if e is None else e for m, e in zip(m_leaves, e_leaves)])
+
+    def _check(self, model: Any, params: Any, method: str) -> tuple[list, Any]:
+        """Check `model` (and its `wrt` leaves `params`, for `update`) against the average.
+
+        Returns the model's leaves and treedef, `None` counted as a leaf.
+        """
+        (m_leaves, m_def), (e_leaves, _) = check_same_structure(
+            (model, self.params),
+            f"EMA.{method}",
+            lambda i: "the average" if i else "the model",
+            "Pass a model of the structure of the one the EMA was built from.",
+        )
+        p_leaves = m_leaves if params is None else jtu.tree_leaves(params, is_leaf=_is_none)
+        for i, (m, p, e) in enumerate(zip(m_leaves, p_leaves, e_leaves)):
+            if e is None:
+                if params is None or p is None:
+                    continue
+            elif eqx.is_array(p) and (p.shape, p.dtype) == (e.shape, e.dtype):
+                continue
+            new = _describe(m)
+            if params is not None and p is None:
+                new += f", not a leaf that wrt={describe(self.wrt)} selects"
+            path = jtu.keystr(jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][i][0])
+            raise ValueError(
+                _MSG_LEAF.format(method=method, path=path or "the root", new=new, old=_describe(e))
+            )
+        return m_leaves, m_def
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _describe(x: Any) -> str:
+    if eqx.is_array(x):
+        return f"{x.dtype}{list(x.shape)}"
+    return "nothing" if x is None else f"a {type(x).__name__}"
