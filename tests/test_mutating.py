@@ -469,3 +469,35 @@ def test_numpy_leaves_stay_numpy():
     assert isinstance(new.w, np.ndarray) and new.w is not bag.w
     _, same = bag.set_key("a", jnp.zeros(2))
     assert isinstance(same.w, np.ndarray)
+
+
+class Ring(eqstate.Module):
+    items: list
+    seen: dict
+
+    @eqstate.mutating
+    def __call__(self, x):
+        self.items.append(self.items.pop(0) + x)
+        self.seen["last"] = x
+        return sum(jnp.sum(i) for i in self.items)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda r, x: jax.jit(lambda r, x: r(x))(r, x),
+        lambda r, x: eqx.filter_jit(lambda r, x: r(x))(r, x),
+        lambda r, x: jax.vmap(lambda x: r(x)[0])(jnp.stack([x, x])),
+        lambda r, x: jax.grad(lambda x: r(x)[0])(x),
+        lambda r, x: jax.lax.scan(lambda r, x: (r(x)[1], None), r, jnp.stack([x, x])),
+        lambda r, x: jax.checkpoint(lambda x: r(x)[0])(x),
+        lambda r, x: jax.lax.cond(True, lambda x: r(x)[0], lambda x: jnp.sum(x), x),
+    ],
+    ids=["jit", "filter_jit", "vmap", "grad", "scan", "checkpoint", "cond"],
+)
+def test_input_untouched_under_every_transformation(transform):
+    ring = Ring([jnp.zeros(2), jnp.ones(2)], {"last": jnp.zeros(2)})
+    before = snapshot(ring)
+    transform(ring, jnp.full(2, 3.0))
+    assert_untouched(ring, before)
+    assert [float(i[0]) for i in ring.items] == [0.0, 1.0]
