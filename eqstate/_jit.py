@@ -93,12 +93,6 @@ _MSG_UNHASHABLE = (
     "eqx.filter_jit. Make it an array (`jnp.asarray`) or a hashable value (a tuple "
     "instead of a list, a frozen dataclass, ...)."
 )
-_MSG_UNHASHABLE_NODE = (
-    "eqstate.jit: the structure of {path} is not hashable ({error}). A static field "
-    "(`eqx.field(static=True)`) or a custom pytree node's auxiliary data holds an "
-    "unhashable value; it is part of the compilation cache key, as under eqx.filter_jit. "
-    "Make that value hashable (a tuple instead of a list, a frozen dataclass, ...)."
-)
 _MSG_MAX_TRACES = (
     "eqstate.jit({name}) traced {n} times, more than max_traces={limit}. {reason} "
     "Each trace compiles again; keep shapes, dtypes and non-array values fixed between "
@@ -471,6 +465,7 @@ class Jit:
         keep_pos = [i for i in dyn_pos if i < first]
         give_pos = [i for i in dyn_pos if i >= first]
         entry = _Entry(keep_pos, give_pos, len(template), key)
+        entry.stamp = next(self._clock)  # not the first to go before its first call
         traced = _tracer(self, entry, key, template, keep_pos + give_pos, defs, k_def)
         entry.call = jax.jit(traced, donate_argnums=(1,) if give_pos else ())
         if len(self._cache) >= self._max_entries:
@@ -561,14 +556,6 @@ class Jit:
                 raise TypeError(
                     _MSG_UNHASHABLE.format(path=_argpath(path), type=type(x).__name__)
                 ) from None
-        args, kwargs = tree
-        named = [((jtu.SequenceKey(0), jtu.SequenceKey(i)), a) for i, a in enumerate(args)]
-        named += [((jtu.SequenceKey(1), jtu.DictKey(k)), v) for k, v in kwargs.items()]
-        for path, a in named:
-            try:
-                hash(jtu.tree_structure(a))
-            except TypeError as e:
-                raise TypeError(_MSG_UNHASHABLE_NODE.format(path=_argpath(path), error=e)) from None
 
 
 def _tracer(
@@ -683,25 +670,32 @@ def jit(
     """Compile `fn` with `eqx.filter_jit`'s semantics and `jax.jit`'s per-call cost.
 
     Array leaves of the arguments (JAX and NumPy arrays) are traced; every other leaf is
-    static and part of the cache key, as under `eqx.filter_jit`. The call returns
+    static and part of the cache key, as under `eqx.filter_jit` (with its type: `1`,
+    `1.0` and `True` compile separately). Outputs are rebuilt by the trace that served
+    the call, so their structure and static values may depend on shapes; their lists,
+    dicts and other containers are new objects on every call. Parameters given by
+    keyword are bound to the signature as `eqx.filter_jit` binds them. The call returns
     without waiting for the computation (JAX's asynchronous dispatch): a training loop
     overlaps host and device work, and `jax.block_until_ready` waits when needed.
 
     **Arguments:**
 
-    - `fn`: the function (or method, or callable module) to compile.
+    - `fn`: the function (or method, or callable module) to compile. A callable module
+        is split once, here: its arrays are traced (and never donated), the rest is
+        static.
     - `donate`: `"none"` (default), `"all"`, or `"all-except-first"` (everything but the
         first argument, e.g. the optimizer and metrics but not the model), as in
         Equinox. Donated buffers are reused for the outputs on backends that support it;
         do not use a donated argument after the call.
     - `max_traces`: raise `RuntimeError` when `fn` would be traced more than this many
         times, naming the argument whose structure, shape, dtype or static value
-        changed.
+        changed. Without it, a `RetraceWarning` says so once, on the ninth trace.
 
     **Returns:**
 
     A `Jit` callable; `traces` counts compilations and `retrace_reasons` says why each
-    retrace happened.
+    retrace happened. It keeps the 128 most recently used static configurations
+    compiled; deleting it frees them all.
 
     !!! example
 
