@@ -82,3 +82,81 @@ def test_errors():
         Mean().merge(Accuracy())
     with pytest.raises(TypeError, match="abstract"):
         Metric()
+
+
+BIG = 2**24  # where float32 stops counting
+
+
+def test_counts_are_exact_integers_past_float32_precision():
+    acc = eqx.tree_at(lambda a: (a.correct, a.count), Accuracy(), (jnp.int32(BIG), jnp.int32(BIG)))
+    assert acc.correct.dtype == jnp.int32 and acc.count.dtype == jnp.int32
+    step = jax.jit(lambda a, p, y: a.update(preds=p, labels=y)[1])
+    for _ in range(3):  # one wrong prediction at a time
+        acc = step(acc, jnp.array([0]), jnp.array([1]))
+    assert int(acc.count) == BIG + 3 and int(acc.correct) == BIG
+    assert float(acc.compute()) < 1.0 and acc.compute().dtype == jnp.float32
+    many_wrong = step(acc, jnp.zeros(BIG // 4, jnp.int32), jnp.ones(BIG // 4, jnp.int32))
+    np.testing.assert_allclose(many_wrong.compute(), BIG / (BIG + 3 + BIG // 4), rtol=1e-6)
+
+    mean = eqx.tree_at(lambda m: (m.total, m.count), Mean(), (jnp.float32(BIG), jnp.int32(BIG)))
+    for _ in range(3):
+        _, mean = mean.update(jnp.array([1.0]))
+    assert mean.count.dtype == jnp.int32 and int(mean.count) == BIG + 3
+
+
+def test_weighted_and_unweighted_batches_mix():
+    m = Mean()
+    _, m = m.update(jnp.array([1.0, 3.0]))  # weight 1 each
+    _, m = m.update(jnp.array([10.0]), weights=jnp.array([2.0]))
+    assert int(m.count) == 2 and float(m.weight) == 2.0
+    np.testing.assert_allclose(m.compute(), (1.0 + 3.0 + 20.0) / 4.0, rtol=1e-6)
+    assert m.compute().dtype == jnp.float32
+
+
+def test_merge_reset_all_reduce_keep_integer_counts():
+    _, a = Accuracy().update(preds=jnp.array([1, 2]), labels=jnp.array([1, 0]))
+    _, b = Accuracy().update(preds=jnp.array([3]), labels=jnp.array([3]))
+    merged = a.merge(b)
+    assert merged.count.dtype == jnp.int32 and int(merged.count) == 3 and int(merged.correct) == 2
+    np.testing.assert_allclose(merged.compute(), 2 / 3, rtol=1e-6)
+    reset = merged.reset()
+    assert reset.count.dtype == jnp.int32 and int(reset.count) == 0
+    assert np.isnan(reset.compute())
+    _, wm = Mean().update(jnp.array([1.0, 2.0]), weights=jnp.array([1.0, 3.0]))
+    _, um = Mean().update(jnp.array([4.0]))
+    np.testing.assert_allclose(wm.merge(um).compute(), (1.0 + 6.0 + 4.0) / 5.0, rtol=1e-6)
+
+    def per_device(p, y):
+        _, acc = Accuracy().update(preds=p, labels=y)
+        return acc.all_reduce("dev")
+
+    preds = jnp.array([[1, 2], [3, 3]])
+    acc = jax.vmap(per_device, axis_name="dev")(preds, jnp.array([[1, 0], [3, 3]]))
+    assert acc.count.dtype == jnp.int32
+    np.testing.assert_array_equal(acc.count, [4, 4])
+    np.testing.assert_allclose(acc.compute(), [0.75, 0.75])
+
+
+def test_putting_a_tree_back_is_not_a_batch():
+    put_back = r"To put a tree back into a module, use `eqstate\.update\(module, tree\)`"
+    mean = Mean()
+    with pytest.raises(
+        TypeError,
+        match=r"Mean\.update accumulates a batch, but it was given a Mean as positional argument "
+        r"0 \(such as `metric\.states\(\)` or a loaded checkpoint\)\. " + put_back,
+    ):
+        mean.update(mean.states())
+    with pytest.raises(TypeError, match=r"Accuracy\.update accumulates a batch, .* an Accuracy as"):
+        Accuracy().update(Accuracy().states())
+    metrics = Collection(loss=Mean(argname="loss"), acc=Accuracy())
+    with pytest.raises(
+        TypeError, match=r"Collection\.update accumulates a batch, but it was given a Collection"
+    ):
+        metrics.update(metrics.states())
+    with pytest.raises(TypeError, match=r"given a Mean as `loss=`"):
+        metrics.update(loss=Mean())
+    with pytest.raises(
+        TypeError,
+        match=r"Collection\.update takes keyword arguments only, .* got 1 positional argument",
+    ):
+        metrics.update(jnp.ones(3))

@@ -13,17 +13,52 @@ from .._kinds import State
 from .._module import Module, mutating
 
 
+_MSG_PUT_BACK = (
+    "{cls}.update accumulates a batch, but it was given {given} as {where} (such as "
+    "`metric.states()` or a loaded checkpoint). To put a tree back into a module, use "
+    "`eqstate.update(module, tree)`, e.g. `metrics = eqstate.update(metrics, tree)`."
+)
+_MSG_COLLECTION_POSITIONAL = (
+    "Collection.update takes keyword arguments only, passed on to every metric (e.g. "
+    "`metrics.update(loss=loss, logits=logits, labels=y)`); got {n} positional "
+    "argument(s)."
+)
+
+
+def _check_batch(metric: "Metric", args: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise if a metric tree was passed to `update` where a batch was expected."""
+    for i, a in enumerate(args):
+        if isinstance(a, Metric):
+            raise TypeError(_put_back(metric, a, f"positional argument {i}"))
+    for k, a in kwargs.items():
+        if isinstance(a, Metric):
+            raise TypeError(_put_back(metric, a, f"`{k}=`"))
+
+
+def _put_back(metric: "Metric", given: "Metric", where: str) -> str:
+    name = type(given).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return _MSG_PUT_BACK.format(cls=type(metric).__name__, given=f"{article} {name}", where=where)
+
+
 class Metric(Module):
     """Base class of metrics: state modules that accumulate over batches.
 
     Subclasses keep their totals in `State` fields and implement `update` (a mutating
     method) and `compute`. `reset`, `merge` and `all_reduce` work on every `State` leaf,
-    which must be a sum over batches.
+    which must be a sum over batches. Counts are best kept as integers (exact up to
+    2**31 - 1); float32 stops counting at 2**24.
+
+    A metric's `update` accumulates a batch; it is not `eqstate.Module.update`. To put a
+    saved tree back into a metric, use `eqstate.update(metric, tree)`.
     """
 
     @abc.abstractmethod
     def update(self, *args: Any, **kwargs: Any) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
-        """Accumulate one batch (a `@mutating` method): returns `(None, new_metric)`."""
+        """Accumulate one batch (a `@mutating` method): returns `(None, new_metric)`.
+
+        Not `eqstate.Module.update`: to put a tree back, use `eqstate.update(metric, tree)`.
+        """
 
     @abc.abstractmethod
     def compute(self) -> Any:
@@ -67,10 +102,19 @@ class Mean(Metric):
 
     `argname` names the keyword this metric reads when updated through a `Collection`
     (`Mean(argname="loss")` reads `loss=`).
+
+    **Fields** (`State`, summed over batches):
+
+    - `total`: the (weighted) sum of the values, float32.
+    - `count`: how many values were added without weights, int32 (exact).
+    - `weight`: the sum of the weights of values added with weights, float32.
+
+    `compute()` is `total / (count + weight)`: unweighted values weigh 1.
     """
 
     total: Array = State.field(default=0.0)
-    count: Array = State.field(default=0.0)
+    count: Array = State.field(default=0)
+    weight: Array = State.field(default=0.0)
     argname: str = eqx.field(static=True, default="values")
 
     @mutating
@@ -78,16 +122,20 @@ class Mean(Metric):
         self, values: ArrayLike | None = None, *, weights: ArrayLike | None = None, **kwargs: Any
     ) -> None:
         """Add `values` (any shape; every element counts), optionally `weights`."""
+        _check_batch(self, (values, weights), kwargs)
         values = jnp.asarray(_pick(self, values, kwargs, self.argname))
         values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
-        w = jnp.ones_like(values) if weights is None else jnp.broadcast_to(weights, values.shape)
-        w = w.astype(values.dtype)
-        self.total += jnp.sum(values * w)
-        self.count += jnp.sum(w)
+        if weights is None:
+            self.total += jnp.sum(values)
+            self.count += values.size
+        else:
+            w = jnp.broadcast_to(jnp.asarray(weights), values.shape).astype(values.dtype)
+            self.total += jnp.sum(values * w)
+            self.weight += jnp.sum(w)
 
     def compute(self) -> Array:
-        """`total / count` (NaN before any update)."""
-        return self.total / self.count
+        """`total / (count + weight)`, float32 (NaN before any update)."""
+        return self.total / (self.count.astype(self.weight.dtype) + self.weight)
 
 
 class Accuracy(Metric):
@@ -95,10 +143,13 @@ class Accuracy(Metric):
 
     `update(logits=..., labels=...)` takes class scores (the last axis is the class
     axis) or `preds=` class indices, and integer `labels`.
+
+    `correct` and `count` are int32 counts, exact up to 2**31 - 1 predictions;
+    `compute()` returns a float32 fraction.
     """
 
-    correct: Array = State.field(default=0.0)
-    count: Array = State.field(default=0.0)
+    correct: Array = State.field(default=0)
+    count: Array = State.field(default=0)
 
     @mutating
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
@@ -110,6 +161,7 @@ class Accuracy(Metric):
         **kwargs: Any,
     ) -> None:
         """Add a batch of predictions: `logits` (`(..., classes)`) or `preds`, and `labels`."""
+        _check_batch(self, (logits, labels, preds), kwargs)
         labels = jnp.asarray(_pick(self, labels, kwargs, "labels"))
         if preds is None:
             logits = jnp.asarray(_pick(self, logits, kwargs, "logits"))
@@ -125,12 +177,12 @@ class Accuracy(Metric):
                 f"Accuracy.update: preds of shape {preds.shape} and labels of shape "
                 f"{labels.shape} differ."
             )
-        self.correct += jnp.sum(preds == labels.astype(preds.dtype)).astype(jnp.float32)
+        self.correct += jnp.sum(preds == labels.astype(preds.dtype), dtype=jnp.int32)
         self.count += labels.size
 
     def compute(self) -> Array:
-        """`correct / count` (NaN before any update)."""
-        return self.correct / self.count
+        """`correct / count`, float32 (NaN before any update)."""
+        return self.correct.astype(jnp.float32) / self.count.astype(jnp.float32)
 
 
 class Collection(Metric):
@@ -152,8 +204,14 @@ class Collection(Metric):
         self.metrics = dict(metrics)
 
     @mutating
-    def update(self, **kwargs: Any) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
-        """Update every metric with the same keyword arguments."""
+    def update(self, *args: Any, **kwargs: Any) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]
+        """Update every metric with the same keyword arguments.
+
+        Not `eqstate.Module.update`: to put a tree back, use `eqstate.update(metrics, tree)`.
+        """
+        _check_batch(self, args, kwargs)
+        if args:
+            raise TypeError(_MSG_COLLECTION_POSITIONAL.format(n=len(args)))
         self.metrics = {name: m.update(**kwargs)[1] for name, m in self.metrics.items()}
 
     def compute(self) -> dict[str, Any]:
