@@ -186,11 +186,12 @@ class Optimizer(Module):
 
     @property
     def opt_state(self) -> Any:
-        """optax's state, in the structure optax gave it, as a read-only view.
+        """optax's state, in the structure optax gave it.
 
-        Its dicts (such as `hyperparams` of `optax.inject_hyperparams`) refuse
-        assignment: the view is rebuilt on each access, so a change would be lost. Use
-        `opt.with_hyperparams(...)`.
+        It is rebuilt from `opt_leaves` on each access, so changing it changes nothing.
+        The `hyperparams` dicts of `optax.inject_hyperparams` states (optax's documented
+        `opt_state.hyperparams["learning_rate"] = ...`) therefore refuse assignment, and
+        say to use `opt.with_hyperparams(...)`; they are pytree nodes like dicts.
         """
         return _read_only(self._state())
 
@@ -404,7 +405,7 @@ def _map_nodes(x: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 class _ReadOnlyDict(dict):
-    """A dict of `opt.opt_state` that refuses changes; a pytree node like a dict."""
+    """The hyperparameters in `opt.opt_state`: refuse changes; a pytree node like a dict."""
 
     def _refuse(self, key: Any = None) -> Any:
         key = key if isinstance(key, str) and key.isidentifier() else "name"
@@ -455,4 +456,11 @@ jtu.register_pytree_with_keys(
 
 
 def _read_only(state: Any) -> Any:
-    return _map_nodes(state, lambda n: _ReadOnlyDict(n) if type(n) is dict else n)
+    """`state` with the `hyperparams` dict of each injected state made read-only."""
+
+    def freeze(node: Any) -> Any:
+        if _is_injected(node):
+            return node._replace(hyperparams=_ReadOnlyDict(node.hyperparams))
+        return node
+
+    return _map_nodes(state, freeze)

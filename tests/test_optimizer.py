@@ -296,6 +296,11 @@ def test_hyperparams_change_through_with_hyperparams():
     )
     # the read-only view is still a pytree with the state's leaves
     assert len(jax.tree_util.tree_leaves(opt.opt_state)) == len(opt.opt_leaves)
+    # only hyperparams are frozen: moments of a dict model stay dicts, like the params
+    params = {"w": jnp.ones(3)}
+    plain = eqstate.Optimizer(optax.inject_hyperparams(optax.adam)(learning_rate=0.1), params)
+    mu = plain.opt_state.inner_state[0].mu
+    assert type(mu) is dict and jax.tree_util.tree_map(jnp.add, mu, params)["w"].shape == (3,)
     # nested in a chain: set wherever it is injected
     chained = eqstate.Optimizer(optax.chain(optax.clip(1.0), injected()), model)
     chained = chained.with_hyperparams(learning_rate=0.5)
