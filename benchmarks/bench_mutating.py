@@ -143,7 +143,7 @@ def fmt(seconds: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="What mutating's guarantees cost per call.")
     parser.add_argument("--baseline", help="a git revision to compare with")
     parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     parser.add_argument("--from", help="import eqstate from this checkout (internal)")

@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._convert import cast_like, is_array_like, is_key
 from ._kinds import FIXED_SHAPE_KEY
@@ -152,7 +153,7 @@ def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
 def check_static(value: Any, where: Where) -> None:
     """A static field never holds a JAX array (a tracer would escape its trace)."""
     if isinstance(value, jax.Array):
-        tracer = " (a tracer)" if isinstance(value, jax.core.Tracer) else ""
+        tracer = " (a tracer)" if isinstance(value, Tracer) else ""
         raise TypeError(_MSG_STATIC.format(where=where_str(where), tracer=tracer))
 
 

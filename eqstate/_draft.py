@@ -16,6 +16,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+from jax.core import Tracer
 from jax.extend.core import get_opaque_trace_state
 
 
@@ -134,7 +135,7 @@ class Frame:
         self.owned = owned  # the modules reachable from the draft, by id
         self.trace = get_opaque_trace_state()
         # id(new child) -> (new child, the object it was called on, changed leaves)
-        self.pending: dict[int, tuple[Any, Any, list[tuple[str, Any]]]] = {}
+        self.pending: dict[int, tuple[Any, Any, list[tuple[tuple, Any]]]] = {}
         self.args = args  # the call's `(args, kwargs)`
 
 
@@ -194,7 +195,7 @@ EAGER = get_opaque_trace_state()
 
 def is_mapped(x: Any) -> bool:
     """Whether `x` carries a `jax.vmap` batch axis (duck-typed on the tracer)."""
-    return isinstance(x, jax.core.Tracer) and getattr(x, "batch_dim", None) is not None
+    return isinstance(x, Tracer) and getattr(x, "batch_dim", None) is not None
 
 
 def per_example(frame: Frame) -> bool:
