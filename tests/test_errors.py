@@ -570,6 +570,302 @@ CASES: list[tuple[str, Any, type[BaseException], str, str]] = [
     ),
 ]
 
+
+class W(eqstate.Module):
+    w: jax.Array
+    bn: BatchNorm
+
+
+def w_model(n):
+    return W(jnp.ones(n), BatchNorm(2))
+
+
+def w_loss(m):
+    return jnp.sum(m.w**2) + jnp.sum(m.bn.weight)
+
+
+def grads(n):
+    return eqstate.grad(w_loss)(w_model(n))
+
+
+def sgd(model):
+    return eqstate.Optimizer(optax.sgd(0.1), model)
+
+
+def injected():
+    return eqstate.Optimizer(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), w_model(3))
+
+
+def _set_hyperparam():
+    injected().opt_state.hyperparams["learning_rate"] = 0.01
+
+
+def _scheduled_hyperparam():
+    tx = optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.1, 0.0, 10))
+    eqstate.Optimizer(tx, w_model(3)).with_hyperparams(learning_rate=0.01)
+
+
+def _per_example_dropout():
+    d = Dropout(0.5, key=jax.random.key(0))
+    jax.vmap(lambda x: d(x)[0])(jnp.ones((8, 16)))
+
+
+def _per_example_batch_norm():
+    bn = BatchNorm(3)
+    jax.vmap(lambda x: bn(x)[0])(jnp.ones((4, 3)))
+
+
+def _ema_other_dtype():
+    model = w_model(2)
+    ema = EMA(model)
+    ema.update(eqx.tree_at(lambda m: m.w, model, jnp.ones(2, jnp.bfloat16)))
+
+
+def _ema_apply_other_shape():
+    EMA(w_model(2)).apply(w_model(5))
+
+
+TRAINING_CASES: list[tuple[str, Any, type[BaseException], str, str]] = [
+    # gradients and filters
+    (
+        "filter-wrong-arity",
+        lambda: eqstate.filter(net(), lambda a, b: True),
+        TypeError,
+        r"eqstate\.filter: the callable filter <lambda> has the signature \(a, b\)",
+        r"one argument",
+    ),
+    (
+        "grad-wrt-matches-nothing",
+        lambda: eqstate.grad(w_loss, wrt=eqstate.Rng)(w_model(3)),
+        ValueError,
+        r"eqstate\.grad: wrt=eqstate\.Rng matches no inexact-array",
+        r"Pass a `wrt=` filter",
+    ),
+    (
+        "value-and-grad-wrt-matches-nothing",
+        lambda: eqstate.value_and_grad(w_loss, wrt=eqstate.OptState)(w_model(3)),
+        ValueError,
+        r"wrt=eqstate\.OptState matches no inexact-array",
+        r"Pass a `wrt=` filter",
+    ),
+    (
+        "optimizer-wrt-matches-nothing",
+        lambda: eqstate.Optimizer(optax.sgd(0.1), w_model(3), wrt=eqstate.Rng),
+        ValueError,
+        r"wrt=eqstate\.Rng matches no inexact-array",
+        r"nothing to optimise",
+    ),
+    # the optimizer
+    (
+        "optimizer-model-other-shape",
+        lambda: sgd(w_model(3)).update(grads(1), w_model(1)),
+        ValueError,
+        r"Optimizer\.update: the model's leaf at \.w is float32\[1\].* float32\[3\]",
+        r"Optimizer",
+    ),
+    (
+        "optimizer-grads-other-shape",
+        lambda: sgd(w_model(3)).update(grads(1), w_model(3)),
+        ValueError,
+        r"Optimizer\.update: grads at \.w is float32\[1\], but the model's leaf there is float32\[3\]",
+        r"grad",
+    ),
+    (
+        "optimizer-swapped-arguments",
+        lambda: sgd(w_model(3)).update(w_model(3), grads(3)),
+        ValueError,
+        r"the `model` argument has None at \.bn\.running_mean",
+        r"The order is `opt\.update\(grads, model\)`",
+    ),
+    (
+        "optimizer-model-is-optimizer",
+        lambda: sgd(w_model(3)).update(grads(3), sgd(w_model(3))),
+        TypeError,
+        r"Optimizer\.update: the `model` argument is an Optimizer",
+        r"opt\.update\(grads, model\)",
+    ),
+    (
+        "optimizer-put-tree-back",
+        lambda: (lambda o: o.update(o.states()))(sgd(w_model(3))),
+        TypeError,
+        r"Optimizer\.update\(grads, model\) applies one optimizer step",
+        r"eqstate\.update\(module, tree\)",
+    ),
+    (
+        "optimizer-missing-model",
+        lambda: sgd(w_model(3)).update(grads(3)),
+        TypeError,
+        r"Optimizer\.update needs the model",
+        r"model, opt = opt\.update\(grads, model\)",
+    ),
+    (
+        "optimizer-hyperparams-assigned",
+        _set_hyperparam,
+        TypeError,
+        r"opt\.opt_state is a read-only view",
+        r"opt\.with_hyperparams\(learning_rate=\.\.\.\)",
+    ),
+    (
+        "optimizer-unknown-hyperparam",
+        lambda: injected().with_hyperparams(lr=0.1),
+        ValueError,
+        r"Optimizer\.with_hyperparams: lr is not among the hyperparameters",
+        r"learning_rate",
+    ),
+    (
+        "optimizer-scheduled-hyperparam",
+        _scheduled_hyperparam,
+        ValueError,
+        r"Optimizer\.with_hyperparams: learning_rate follows a schedule",
+        r"schedule",
+    ),
+    (
+        "optimizer-hyperparam-shape",
+        lambda: injected().with_hyperparams(learning_rate=jnp.ones(2)),
+        ValueError,
+        r"learning_rate must be a value of shape \(\)",
+        r"got shape \(2,\)",
+    ),
+    # layers
+    (
+        "batchnorm-float-features",
+        lambda: BatchNorm(3.0),
+        TypeError,
+        r"BatchNorm\(num_features=\.\.\.\) must be a positive int",
+        r"Pass e\.g\. `BatchNorm\(3\)`",
+    ),
+    (
+        "batchnorm-momentum-type",
+        lambda: BatchNorm(3, momentum="0.9"),
+        TypeError,
+        r"BatchNorm\(momentum=\.\.\.\)",
+        r"must be a number in \[0, 1\]",
+    ),
+    (
+        "batchnorm-negative-eps",
+        lambda: BatchNorm(3, eps=-1.0),
+        ValueError,
+        r"BatchNorm\(eps=\.\.\.\)",
+        r"non-negative",
+    ),
+    (
+        "batchnorm-int-dtype",
+        lambda: BatchNorm(3, dtype=jnp.int32),
+        TypeError,
+        r"BatchNorm\(dtype=\.\.\.\)",
+        r"floating dtype",
+    ),
+    (
+        "batchnorm-int-input",
+        lambda: BatchNorm(3)(jnp.ones((4, 3), jnp.int32)),
+        TypeError,
+        r"BatchNorm: x has dtype int32",
+        r"x\.astype\(jnp\.float32\)",
+    ),
+    (
+        "batchnorm-one-value-per-feature",
+        lambda: BatchNorm(3)(jnp.ones((1, 3))),
+        ValueError,
+        r"BatchNorm in training got a batch of shape \(1, 3\)",
+        r"batch",
+    ),
+    (
+        "batchnorm-per-example",
+        _per_example_batch_norm,
+        ValueError,
+        r"got shape \(3,\): a single example",
+        r"call it on the batch",
+    ),
+    (
+        "dropout-p-array",
+        lambda: Dropout(jnp.asarray(0.5), key=jax.random.key(0)),
+        TypeError,
+        r"Dropout\(p=\.\.\.\)",
+        r"Python number in \[0, 1\]",
+    ),
+    (
+        "dropout-key-int",
+        lambda: Dropout(0.5, key=0),
+        TypeError,
+        r"Dropout\(key=\.\.\.\) expects a PRNG key, got 0",
+        r"jax\.random\.key\(0\)",
+    ),
+    (
+        "dropout-int-input",
+        lambda: Dropout(0.5, key=jax.random.key(0))(jnp.ones(4, jnp.int32)),
+        TypeError,
+        r"Dropout: x has dtype int32",
+        r"x\.astype\(jnp\.float32\)",
+    ),
+    (
+        "dropout-per-example",
+        _per_example_dropout,
+        ValueError,
+        r"Dropout was called per example inside `jax\.vmap`",
+        r"`y, model = model\(x\)`",
+    ),
+    (
+        "ema-decay-type",
+        lambda: EMA(w_model(2), decay="0.99"),
+        TypeError,
+        r"EMA\(decay=\.\.\.\)",
+        r"number in \[0, 1\]",
+    ),
+    (
+        "ema-other-dtype",
+        _ema_other_dtype,
+        ValueError,
+        r"EMA\.update: the model's leaf at \.w is bfloat16\[2\]",
+        r"eqstate\.nn\.EMA\(model",
+    ),
+    ("ema-apply-other-shape", _ema_apply_other_shape, ValueError, r"EMA\.apply: .*\.w", r"EMA"),
+    (
+        "ema-wrong-structure",
+        lambda: EMA(w_model(2)).update({"w": jnp.ones(2)}),
+        ValueError,
+        r"EMA\.update: the average does not have the structure of the model",
+        r"EMA",
+    ),
+    (
+        "ema-put-tree-back",
+        lambda: (lambda e: e.update(e.states()))(EMA(w_model(2))),
+        TypeError,
+        r"EMA\.update\(model\) moves the average towards a model",
+        r"`ema = eqstate\.update\(ema, tree\)`",
+    ),
+    (
+        "ema-wrt-matches-nothing",
+        lambda: EMA(w_model(2), wrt=eqstate.Rng),
+        ValueError,
+        r"wrt=eqstate\.Rng matches no inexact-array",
+        r"nothing to average",
+    ),
+    # metrics
+    (
+        "metric-put-tree-back",
+        lambda: Mean().update(Mean().states()),
+        TypeError,
+        r"Mean\.update accumulates a batch, but it was given a Mean",
+        r"eqstate\.update\(module, tree\)",
+    ),
+    (
+        "accuracy-put-tree-back",
+        lambda: Accuracy().update(Accuracy().states()),
+        TypeError,
+        r"Accuracy\.update accumulates a batch",
+        r"eqstate\.update\(module, tree\)",
+    ),
+    (
+        "collection-positional",
+        lambda: Collection(acc=Accuracy()).update(jnp.ones(3)),
+        TypeError,
+        r"Collection\.update takes keyword arguments only",
+        r"got 1 positional",
+    ),
+]
+
+CASES += TRAINING_CASES
+
 _INTERNAL = (KeyError, IndexError)
 
 
@@ -630,4 +926,5 @@ def test_the_callers_model_survives_every_failed_call():
             np.testing.assert_array_equal(a, b)
 
 
-_ = optax  # the optimizer cases below are added with the optimizer's checks
+def test_the_catalogue_is_large_enough():
+    assert len(CASES) >= 80
