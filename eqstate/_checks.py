@@ -38,10 +38,15 @@ _MSG_LOSSY = (
     "`default={example}`), or cast on purpose with `.astype({old})`."
 )
 _MSG_NOT_ARRAY = (
-    "{where} holds an array ({dtype}{shape}) but was assigned {value!r} of type "
+    "{where} holds an array ({dtype}{shape}) but was assigned {value} of type "
     "{type}. An array field keeps holding an array of its dtype and shape; assign one "
     "(e.g. `jnp.zeros_like(...)`), or declare the field as `Optional` and initialise it "
     "with `None` if it may be empty."
+)
+_MSG_RANGE = (
+    "{where} holds {old} values but was assigned {value}, outside {old}'s range "
+    "[{lo}, {hi}]; the cast would wrap around. Declare the field with a wider dtype, or "
+    "assign a value in range."
 )
 _MSG_STATIC = (
     "{where} is a static field (part of the model's structure, never traced), but was "
@@ -73,6 +78,14 @@ def _category(x: Any) -> int:
         if jnp.issubdtype(dtype, base):
             return i
     return 4  # anything else (e.g. extended dtypes): cast as before
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, np.ndarray):
+        return f"an array of dtype {x.dtype}"
+    if isinstance(x, (list, dict, tuple, set)):
+        return f"a {type(x).__name__}"
+    return repr(x)
 
 
 def _dtype_name(x: Any) -> str:
@@ -116,13 +129,13 @@ def _fits(value: Any, old: Any, fixed_shape: bool) -> bool:
 
 
 def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
-    if not is_array_like(value):
+    if not is_array_like(value) or (isinstance(value, np.ndarray) and value.dtype.kind in "OSUV"):
         raise TypeError(
             _MSG_NOT_ARRAY.format(
                 where=where,
                 dtype=old.dtype,
                 shape=list(old.shape),
-                value=value if not isinstance(value, (list, dict, tuple)) else type(value)(),
+                value=_describe(value),
                 type=type(value).__name__,
             )
         )
@@ -144,6 +157,14 @@ def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
                     example=_CATEGORIES[got][2],
                 )
             )
+        if isinstance(value, int) and not isinstance(value, bool) and have == 1:
+            info = np.iinfo(old.dtype)
+            if not info.min <= value <= info.max:
+                raise ValueError(
+                    _MSG_RANGE.format(
+                        where=where, value=value, old=old.dtype, lo=info.min, hi=info.max
+                    )
+                )
         value = cast_like(value, old)
     if fixed_shape and jnp.shape(value) != old.shape:
         raise ValueError(_MSG_SHAPE.format(where=where, old=old.shape, new=jnp.shape(value)))
@@ -151,10 +172,19 @@ def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
 
 
 def check_static(value: Any, where: Where) -> None:
-    """A static field never holds a JAX array (a tracer would escape its trace)."""
+    """A static field never holds a JAX array (a tracer would escape its trace), not
+    even inside a container."""
     if isinstance(value, jax.Array):
         tracer = " (a tracer)" if isinstance(value, Tracer) else ""
         raise TypeError(_MSG_STATIC.format(where=where_str(where), tracer=tracer))
+    if isinstance(value, (list, tuple, dict)):
+        try:
+            leaves = jax.tree_util.tree_leaves(value)
+        except RecursionError:
+            return
+        for leaf in leaves:
+            if isinstance(leaf, jax.Array):
+                check_static(leaf, where)
 
 
 def fit_tree(value: Any, old: Any, where: Where, fixed_shape: bool) -> Any:

@@ -15,7 +15,7 @@ from typing_extensions import dataclass_transform
 from . import _draft
 from ._checks import check_static, fit_tree, is_array
 from ._convert import is_key, to_strong
-from ._draft import Frame, drafts, thaw
+from ._draft import Frame, drafts, restore, snapshot, thaw
 from ._filters import Filter, check_same_structure, filter as filter_, merge
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, Rng, State, field, field_kind
 from ._resolve import plan
@@ -34,7 +34,9 @@ _MSG_FROZEN = (
     "methods. Decorate the method that assigns with `@eqstate.mutating` (it then "
     "returns `(result, new_model)`), or build a new model with `model.update(...)` / "
     "`eqx.tree_at`. A child's fields change through the child's own mutating method: "
-    "`y, self.child = self.child(x)`."
+    "`y, self.child = self.child(x)`. (A `jax.jit` or `eqx.filter_jit` applied to the "
+    "method inside `@eqstate.mutating` rebuilds `self` as a frozen module: put the jit "
+    "outside, or jit the function that calls the method.)"
 )
 _MSG_SHADOWS = (
     "{cls}.{name}: a field named '{name}' would hide the method `Module.{name}` of "
@@ -46,11 +48,11 @@ _MSG_RNG = (
     "`default_factory=lambda: jax.random.key(0)` in its declaration."
 )
 _MSG_DROPPED = (
-    "{cls}.{method} dropped an update: `{callee}(...)` returned a new {child} whose "
+    "{cls}.{method} dropped an update: `{call}(...)` returned a new {child} whose "
     "state changed ({changed}), but the returned model still holds the old {child} and "
     "the new one is not in the result either, so the change would be lost. Assign it "
     "back, e.g. "
-    "`y, {callee} = {callee}(x)`. To discard it on purpose, call the layer in inference "
+    "`y, {callee} = {call}(x)`. To discard it on purpose, call the layer in inference "
     "mode or pass the new module to `eqstate.discard(...)`."
 )
 _MSG_UPDATE_LEAF = (
@@ -74,8 +76,9 @@ class _ModuleMeta(type(eqx.Module)):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = super().__call__(*args, **kwargs)
         for name in _rng_fields(cls):
-            value = vars(obj).get(name)
-            if value is not None and not _is_key_like(value):
+            bad = [x for x in jtu.tree_leaves(vars(obj).get(name)) if not _is_key_like(x)]
+            if bad:
+                value = bad[0]
                 what = (
                     f"an array of dtype {value.dtype}"
                     if is_array(value)
@@ -393,7 +396,7 @@ def mutating(
             _draft.pop(frame)
         parent = _draft.current()
         if parent is not None:
-            _track(parent, self, new)
+            _track(parent, self, new, method.__name__)
         return result, new
 
     _advertise_pair_return(wrapper, method)
@@ -401,16 +404,25 @@ def mutating(
 
 
 def _call_on_draft(method: Callable, draft: Any, args: tuple, kwargs: dict) -> Any:
-    """Run `method` on a draft already being mutated; undo its changes if it raises."""
-    saved = {k: thaw(v, {}) for k, v in vars(draft).items()}
+    """Run `method` on a draft already being mutated; undo its changes if it raises.
+
+    The draft's fields and the contents of every list, dict, ... reachable from it are
+    put back in place, so references the caller holds to them stay valid.
+    """
+    values = vars(draft)
+    fields = dict(values)
+    contents: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+    for v in fields.values():
+        snapshot(v, contents, seen)
     frame = _draft.frame_of(draft)
     pending = dict(frame.pending) if frame is not None else None
     try:
         return method(draft, *args, **kwargs)
     except BaseException:
-        values = vars(draft)
+        restore(contents)
         values.clear()
-        values.update(saved)
+        values.update(fields)
         if frame is not None and pending is not None:
             frame.pending = pending
         raise
@@ -425,7 +437,10 @@ def _settle(frame: Frame, method: Callable, result: Any) -> Any:
     changed = {}
     for name, f in _fields(cls).items():
         v, o = values.get(name), old_values.get(name)
-        if v is o or f.metadata.get("static", False):
+        if v is o:
+            continue
+        if f.metadata.get("static", False):
+            check_static(v, f"{cls.__name__}.{name}")  # items set into a static container
             continue
         new = fit_tree(v, o, f"{cls.__name__}.{name}", f.metadata.get(FIXED_SHAPE_KEY, True))
         if new is not v:
@@ -437,13 +452,19 @@ def _settle(frame: Frame, method: Callable, result: Any) -> Any:
     return draft
 
 
-def _track(parent: Frame, callee: Any, new: Any) -> None:
-    """Record, in the enclosing call, a child's new module whose state changed."""
-    if parent.owned.get(id(callee)) is not callee or not _draft.same_trace(parent):
-        return  # not one of the parent's children, or inside a vmap/scan body
+def _track(parent: Frame, callee: Any, new: Any, name: str) -> None:
+    """Record, in the enclosing call, a child's new module whose state changed.
+
+    `name` is the child's method. The call may run inside a transformation of the
+    parent's (`jax.checkpoint`, `lax.cond`, an inner jit): its new state is then
+    reachable only through the transformation's outputs, so `_check_dropped` looks
+    for the old child still in place.
+    """
+    if parent.owned.get(id(callee)) is not callee:
+        return  # not one of the parent's children (e.g. a scan carry rebuilt by JAX)
     old_leaves, p = plan(callee)
     new_leaves, q = plan(new)
-    if p.treedef == q.treedef:
+    if _same_structure(p.treedef, q.treedef):
         changed = [
             (i, x)
             for i, (x, y, kind) in enumerate(zip(new_leaves, old_leaves, q.kinds))
@@ -459,24 +480,33 @@ def _track(parent: Frame, callee: Any, new: Any) -> None:
     root = parent.pending.pop(id(callee), None)
     parent.owned[id(new)] = new
     if changed:
-        origin = callee if root is None else root[1]
-        parent.pending[id(new)] = (new, origin, [(q.paths[i], x) for i, x in changed])
+        origin, name = (callee, name) if root is None else (root[1], root[3])
+        parent.pending[id(new)] = (new, origin, [(q.paths[i], x) for i, x in changed], name)
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    try:
+        return a == b
+    except Exception:  # static metadata that cannot be compared (NumPy arrays)
+        return False
 
 
 def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
     """Raise if a child's update went missing while the old child is still in place."""
     reachable = {id(x) for x in jtu.tree_leaves((frame.draft, result))}
-    for new, origin, changed in frame.pending.values():
+    for new, origin, changed, name in frame.pending.values():
         if any(id(x) in reachable for _, x in changed):
             continue
         where = _path_of(frame.draft, origin)
         if where is None:
             continue  # the child was replaced or removed on purpose
         paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _ in changed[:4])
+        call = where if name == "__call__" else f"{where}.{name}"
         raise RuntimeError(
             _MSG_DROPPED.format(
                 cls=type(frame.original).__name__,
                 method=method.__name__,
+                call=call,
                 callee=where,
                 child=type(new).__name__,
                 changed=paths + (", ..." if len(changed) > 4 else ""),

@@ -66,7 +66,7 @@ def plan(tree: Any) -> tuple[list[Any], Plan]:
         return leaves, _PLANS[treedef]
     except KeyError:
         pass
-    except TypeError:  # unhashable static data: resolve without caching
+    except (TypeError, ValueError):  # static data that cannot be hashed or compared
         return leaves, _make_plan(tree, treedef, len(leaves))
     p = _make_plan(tree, treedef, len(leaves))
     if len(_PLANS) >= _MAX_PLANS:

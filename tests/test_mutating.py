@@ -3,6 +3,7 @@
 import collections
 import dataclasses
 import threading
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -501,3 +502,229 @@ def test_input_untouched_under_every_transformation(transform):
     transform(ring, jnp.full(2, 3.0))
     assert_untouched(ring, before)
     assert [float(i[0]) for i in ring.items] == [0.0, 1.0]
+
+
+# --- what a hostile review found, each now a test -------------------------------------
+
+
+class Holder(eqstate.Module):
+    layer: eqx.nn.BatchNorm
+    state: eqx.nn.State
+
+    @eqstate.mutating
+    def __call__(self, x):
+        y, self.state = jax.vmap(
+            self.layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+        )(x, self.state)
+        return y
+
+
+def test_an_equinox_state_is_not_spent_by_the_call():
+    layer, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, axis_name="batch", mode="batch")
+    holder = Holder(layer, state)
+    _, new = holder(X)
+    _, again = holder(X)  # the caller's state is still usable: not spent by `set`
+    assert tree_allclose(new, again) and new.state is not holder.state
+
+
+class Odd(eqstate.Module):
+    queue: collections.deque
+    ns: object
+    raw: bytearray
+    fn: object
+
+    @eqstate.mutating
+    def __call__(self):
+        self.queue.append(1)
+        self.ns.count += 1
+        self.raw.append(7)
+        self.fn.args[0].append(2)
+
+
+def test_other_mutable_objects_are_private_too():
+    import types
+
+    odd = Odd(
+        collections.deque([0]),
+        types.SimpleNamespace(count=0),
+        bytearray(b"a"),
+        jax.tree_util.Partial(len, [1]),
+    )
+    _, new = odd()
+    assert list(odd.queue) == [0] and odd.ns.count == 0 and odd.raw == bytearray(b"a")
+    assert odd.fn.args[0] == [1]
+    assert list(new.queue) == [0, 1] and new.ns.count == 1 and new.fn.args[0] == [1, 2]
+
+
+class Remat(eqstate.Module):
+    bn: BatchNorm
+
+    @eqstate.mutating
+    def checkpointed(self, x):
+        return jax.checkpoint(lambda x: self.bn(x)[0])(x)
+
+    @eqstate.mutating
+    def checkpointed_kept(self, x):
+        y, self.bn = jax.checkpoint(lambda x: self.bn(x))(x)
+        return y
+
+    @eqstate.mutating
+    def in_cond(self, x):
+        return jax.lax.cond(True, lambda x: self.bn(x)[0], lambda x: x, x)
+
+    @eqstate.mutating
+    def in_inner_jit(self, x):
+        return eqx.filter_jit(lambda x: self.bn(x)[0])(x)
+
+
+@pytest.mark.parametrize("name", ["checkpointed", "in_cond", "in_inner_jit"])
+def test_dropped_updates_inside_transformations_raise(name):
+    with pytest.raises(RuntimeError, match=r"Remat\.\w+ dropped an update: `self\.bn\(\.\.\.\)`"):
+        getattr(Remat(BatchNorm(3)), name)(X)
+
+
+def test_updates_kept_through_a_transformation_do_not_raise():
+    _, new = Remat(BatchNorm(3)).checkpointed_kept(X)
+    assert float(new.bn.running_mean[0]) != 0.0
+
+
+class Stepper(eqstate.Module):
+    acc: eqstate.metrics.Mean
+
+    @eqstate.mutating
+    def __call__(self, x):
+        self.acc.update(x)
+        return x
+
+
+def test_dropped_update_names_the_method_called():
+    with pytest.raises(
+        RuntimeError,
+        match=r"`self\.acc\.update\(\.\.\.\)` returned a new Mean .*`y, self\.acc = self\.acc\.update\(x\)`",
+    ):
+        Stepper(eqstate.metrics.Mean())(jnp.ones(3))
+
+
+class Refs(eqstate.Module):
+    a: list
+    b: list
+
+    @eqstate.mutating
+    def inner(self):
+        self.a.append(1)
+        self.a = [99]
+        raise ValueError("inner failed")
+
+    @eqstate.mutating
+    def __call__(self):
+        a = self.a
+        with pytest.raises(ValueError):
+            self.inner()
+        a.append(2)
+        return a is self.a and self.a is self.b
+
+
+def test_undoing_a_nested_call_keeps_the_callers_references():
+    shared = [0]
+    same, new = Refs(shared, shared)()
+    assert same and new.a == [0, 2] and shared == [0]
+
+
+class Meta(eqstate.Module):
+    meta: dict = eqx.field(static=True)
+
+    @eqstate.mutating
+    def note(self, x):
+        self.meta["x"] = x
+
+
+def test_a_static_container_refuses_arrays_set_into_it():
+    with pytest.raises(TypeError, match=r"Meta\.meta is a static field .*JAX array"):
+        Meta({}).note(jnp.ones(2))
+
+
+class Masked(eqstate.Module):
+    mask: np.ndarray = eqx.field(static=True)
+    count: jax.Array = eqstate.State.field(default=0)
+
+    @eqstate.mutating
+    def __call__(self, x):
+        self.count += 1
+        return x * self.mask
+
+
+class HoldsMasked(eqstate.Module):
+    child: Masked
+
+    @eqstate.mutating
+    def __call__(self, x):
+        y, self.child = self.child(x)
+        return y
+
+
+def test_a_static_numpy_array_in_a_child_is_no_error():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Equinox warns about static arrays
+        holder = HoldsMasked(Masked(np.ones(2, np.float32)))
+    _, new = holder(jnp.ones(2))
+    assert int(new.child.count) == 1
+
+
+class Wrap(eqstate.Module):
+    inner: Any
+
+    @eqstate.mutating
+    def touch(self):
+        return None
+
+
+class Draftee(eqstate.Module):
+    items: Any = None
+
+    @eqstate.mutating
+    def f(self):
+        Wrap(self).touch()  # walks the draft while it is still being assigned to
+        self.items = [1]
+
+
+class Outer(eqstate.Module):
+    m: Draftee
+
+    @eqstate.mutating
+    def h(self):
+        self.m.items.append(2)
+
+
+def test_a_draft_is_never_taken_for_immutable():
+    _, n = Draftee().f()
+    Outer(n).h()
+    assert n.items == [1]
+
+
+def test_integers_out_of_range_are_refused():
+    with pytest.raises(
+        ValueError,
+        match=r"Cell\.count holds int32 values but was assigned 1099511627776, outside int32's range",
+    ):
+        make_cell().set("count", 2**40)
+
+
+def test_containers_and_strings_into_an_array_slot_are_named():
+    Pt = collections.namedtuple("Pt", "x y")
+    with pytest.raises(TypeError, match=r"Cell\.weight holds an array .* a Pt of type Pt"):
+        make_cell().set("weight", Pt(1, 2))
+    with pytest.raises(TypeError, match=r"Cell\.weight holds an array .* an array of dtype <U1"):
+        make_cell().set("weight", np.array(["a", "b"]))
+
+
+def test_rng_fields_may_hold_containers_of_keys():
+    class Keys(eqstate.Module):
+        keys: tuple = eqstate.Rng.field()
+
+    assert len(Keys((jax.random.key(0), jax.random.key(1))).keys) == 2
+    with pytest.raises(
+        TypeError, match=r"Keys\.keys is an `Rng` field but holds an array of dtype int32"
+    ):
+        Keys((jax.random.key(0), 3))
