@@ -571,8 +571,11 @@ def _tracer(
 
     def traced(keep: tuple, give: tuple) -> tuple[list, _Out]:
         owner, entry = owner_ref(), entry_ref()
-        if entry is None:
-            owner = None  # evicted meanwhile: trace, but record nothing
+        # under `jax.disable_jit()` every call runs `traced`: that is not a trace (the
+        # ignore: JAX sets its config flags dynamically, unknown to the type checker)
+        eager = jax.config.jax_disable_jit  # pyright: ignore[reportAttributeAccessIssue]
+        if entry is None or eager:
+            owner = None  # evicted meanwhile, or run eagerly: record nothing
         full = list(template)
         for i, x in zip(pos, (*keep, *give)):
             full[i] = x

@@ -446,3 +446,23 @@ def test_methods_bind_the_instance_first():
     x = jnp.ones(2)
     np.testing.assert_array_equal(s.apply(x=x), [3.0, 3.0])  # self stays first
     assert not s.w.is_deleted() and x.is_deleted()
+
+
+def test_under_disable_jit_calls_run_eagerly_and_are_not_traces():
+    f = eqstate.jit(lambda x, n: (x * n, x.shape[0]), max_traces=1)
+    with jax.disable_jit():
+        for n in range(12):  # no max_traces error, no RetraceWarning
+            y, size = f(jnp.ones(n + 1), 2)
+            assert size == n + 1 and y.shape == (n + 1,)
+    assert f.traces == 0
+    f(jnp.ones(2), 2)
+    assert f.traces == 1
+
+
+def test_under_vmap_and_grad():
+    f = eqstate.jit(lambda x, n: (x * n, x.shape), max_traces=1)
+    ys = jax.vmap(lambda x: f(x, 2)[0])(jnp.ones((3, 2)))
+    np.testing.assert_array_equal(ys, np.full((3, 2), 2.0))
+    g = jax.grad(lambda x: f(x, 2)[0].sum())(jnp.ones(2))
+    np.testing.assert_array_equal(g, [2.0, 2.0])
+    assert f(jnp.ones(2), 2)[1] == (2,)
