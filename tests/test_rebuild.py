@@ -1,5 +1,6 @@
 """The generated output rebuild equals `treedef.unflatten` on every kind of output."""
 
+from collections import OrderedDict, defaultdict
 from typing import NamedTuple
 
 import equinox as eqx
@@ -125,3 +126,19 @@ def test_jit_memo_checks_each_returned_element_on_its_own():
     assert float(a2.layers[0][0]) == 2.0 and float(b2.layers[0][0]) == 11.0
     del a2  # the other element's memo entry holds none of a2's containers
     assert [float(x[0]) for x in step(b2, b2)[0].layers] == [12.0]
+
+
+class Empty(NamedTuple):
+    pass
+
+
+def test_builder_builds_empty_containers_afresh():
+    out = (OrderedDict(), defaultdict(list), [], {}, Empty(), eqx.nn.Identity(), None, ())
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    build = builder(out, treedef)
+    (first, groups), (second, _) = build(leaves), build(leaves)
+    for a, b in zip(first[:6], second[:6], strict=True):
+        assert a is not b and type(a) is type(b)
+    assert first[6] is None and first[7] == ()
+    # JAX built the OrderedDict and defaultdict: the memo may not trust those elements
+    assert groups[0] is None and groups[1] is None and groups[2] is not None
