@@ -347,7 +347,10 @@ class Jit:
         self._fn_leaves = tuple(fn_leaves) if self._fn_is_tree else ()
 
     def __get__(self, instance: Any, owner: Any = None) -> Any:
-        if instance is None:
+        # A method binds its instance (passed first, so `donate="all-except-first"`
+        # keeps it); a callable module or partial stored on a class binds nothing,
+        # as it would without the jit.
+        if instance is None or not hasattr(type(self.fn), "__get__"):
             return self
         return ft.partial(self, instance)
 

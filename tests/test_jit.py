@@ -466,3 +466,18 @@ def test_under_vmap_and_grad():
     g = jax.grad(lambda x: f(x, 2)[0].sum())(jnp.ones(2))
     np.testing.assert_array_equal(g, [2.0, 2.0])
     assert f(jnp.ones(2), 2)[1] == (2,)
+
+
+def test_only_functions_bind_as_methods():
+    linear = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+
+    class Holder:
+        apply = eqstate.jit(linear)  # a module, not a function: no instance to bind
+
+        @eqstate.jit
+        def twice(self, x):
+            return 2 * x
+
+    h = Holder()
+    np.testing.assert_allclose(h.apply(jnp.ones(2)), linear(jnp.ones(2)), rtol=1e-6)
+    np.testing.assert_array_equal(h.twice(jnp.ones(1)), [2.0])
