@@ -7,15 +7,14 @@ the compiled call on the traced leaves, and a generated function that rebuilds t
 outputs. Which leaves are traced, the static part and donation are worked out once per
 cache key; how to rebuild the outputs once per trace. JAX traces one cache key again for
 new shapes or dtypes, and each trace's outputs may differ in structure and static values,
-so the compiled call returns its trace's rebuild plan (an `_Out`: a pytree node without
-leaves) next to the traced outputs: a call is rebuilt by the trace that served it, from
-any thread, at no cost beyond one C++ unflatten.
+so the compiled call returns its trace's `Plan` (a pytree node without leaves) next to
+the traced outputs: a call is rebuilt by the trace that served it, from any thread, at
+no cost beyond one C++ unflatten.
 """
 
 import functools as ft
 import inspect
 import itertools
-import operator
 import sys
 import threading
 import warnings
@@ -29,7 +28,7 @@ import numpy as np
 from jax.core import Tracer
 
 from ._filters import first_mismatch
-from ._rebuild import builder, snapshot, unchanged
+from ._rebuild import Plan, getter, snapshot, unchanged
 
 
 _Donate = Literal["all", "all-except-first", "none"]
@@ -252,30 +251,14 @@ def _part(x: Any, memo: _Memo, parts: _Parts) -> tuple[Any, int]:
     return leaves, parts.token(treedef, _key_static(leaves))
 
 
-class _Out:
-    """How to rebuild the outputs of one trace. The compiled call returns it with the
-    traced outputs (a pytree node without leaves, so JAX's fast path keeps it)."""
-
-    __slots__ = ("build", "merge", "parts", "token")
-
-    def __init__(self, build: Callable, merge: Callable | None, parts: list | None, token: int):
-        self.build = build  # all output leaves -> (outputs, groups), see `builder`
-        self.merge = merge  # traced outputs -> all output leaves; `None`: all traced
-        self.parts = parts  # a tuple output: each element's (start, end, token)
-        self.token = token  # any other output: its token
-
-
-jtu.register_pytree_node(_Out, lambda o: ((), o), lambda o, _: o)
-
-
 class _Entry:
     """One cache key: its jitted function, and which tokens it uses."""
 
     __slots__ = ("__weakref__", "call", "give", "keep", "live", "ok", "stamp")
 
     def __init__(self, keep_pos: list[int], give_pos: list[int], n: int, key: tuple):
-        self.keep = _getter(keep_pos, n)  # traced leaves kept by the caller
-        self.give = _getter(give_pos, n)  # traced leaves donated
+        self.keep = getter(keep_pos, n)  # traced leaves kept by the caller
+        self.give = getter(give_pos, n)  # traced leaves donated
         self.call: Callable[..., Any] = _unset
         self.live = {t for t in key if t != _KWARGS}  # tokens of its key and outputs
         self.ok = False  # whether a trace has succeeded
@@ -284,18 +267,6 @@ class _Entry:
 
 def _unset(*args: Any) -> Any:
     raise AssertionError("jitted function used before it was built")
-
-
-def _getter(positions: list[int], n: int | None = None) -> Callable[[Any], tuple]:
-    """`f(seq) -> tuple(seq[i] for i in positions)`, at C speed (`seq` has `n` items)."""
-    if not positions:
-        return lambda seq: ()
-    if positions == list(range(n or 0)):
-        return tuple
-    if len(positions) == 1:
-        (i,) = positions
-        return lambda seq: (seq[i],)
-    return operator.itemgetter(*positions)
 
 
 class Jit:
@@ -563,16 +534,16 @@ class Jit:
 
 def _tracer(
     owner: Jit, entry: _Entry, key: tuple, template: list, pos: list[int], defs: list, k_def: Any
-) -> Callable[[tuple, tuple], tuple[list, _Out]]:
+) -> Callable[[tuple, tuple], tuple[list, Plan]]:
     """The function `jax.jit` traces for one cache key (`pos`: where its traced leaves go
-    in `template`). It returns its trace's `_Out` with the traced outputs. It holds its
+    in `template`). It returns its trace's `Plan` with the traced outputs. It holds its
     `Jit` and entry weakly, so that deleting the `Jit` frees every compiled function
     at once, without waiting for the garbage collector."""
     owner_ref, entry_ref = weakref.ref(owner), weakref.ref(entry)
     fn = None if owner._fn_is_tree else owner.fn  # a pytree function comes from its leaves
     sizes = [d.num_leaves for d in defs]
 
-    def traced(keep: tuple, give: tuple) -> tuple[list, _Out]:
+    def traced(keep: tuple, give: tuple) -> tuple[list, Plan]:
         owner, entry = owner_ref(), entry_ref()
         # under `jax.disable_jit()` every call runs `traced`: that is not a trace (the
         # ignore: JAX sets its config flags dynamically, unknown to the type checker)
@@ -587,17 +558,13 @@ def _tracer(
         try:
             pending = None if owner is None else owner._before_trace(call_args, kwargs)
             out = call(*call_args, **kwargs)
-            out_leaves, out_def = jtu.tree_flatten(out)
+            out_leaves = jtu.tree_leaves(out)
             flags = [_is_array(x) for x in out_leaves]
-            out_static = tuple(_DYN if f else x for x, f in zip(out_leaves, flags))
-            plan = _Out(builder(out, out_def), _merger(out_static), None, _ARRAY_TOKEN)
             if owner is not None and entry is not None and pending is not None:
-                intern = ft.partial(owner._intern_outputs, entry)
-                if type(out) is tuple:
-                    plan.parts = _out_parts(out_def, out_leaves, intern)
-                else:
-                    plan.token = intern(out_def, out_leaves)
+                plan = Plan(out, flags, ft.partial(owner._intern_outputs, entry))
                 owner._after_trace(entry, pending)
+            else:
+                plan = Plan(out, flags, lambda treedef, leaves: _ARRAY_TOKEN)
         except BaseException:
             if owner is not None and entry is not None:
                 owner._drop(key, entry)
@@ -625,34 +592,6 @@ def _unflatten(full: list, defs: list, sizes: list[int], k_def: Any) -> tuple[tu
         start += n
     kwargs = {} if k_def is None else k_def.unflatten(full[start:])
     return tuple(args), kwargs
-
-
-def _merger(out_static: tuple) -> Callable[[Any], Any] | None:
-    """`f(dyn_outputs) -> all output leaves`, at C speed; `None` if all are traced."""
-    dyn = [i for i, s in enumerate(out_static) if s is _DYN]
-    if len(dyn) == len(out_static):
-        return None
-    statics = [s for s in out_static if s is not _DYN]
-    n = len(dyn)
-    src_index = [0] * len(out_static)
-    for j, i in enumerate(dyn):
-        src_index[i] = j
-    for j, i in enumerate(i for i, s in enumerate(out_static) if s is not _DYN):
-        src_index[i] = n + j
-    get = _getter(src_index)
-    return lambda out: get([*out, *statics])
-
-
-def _out_parts(
-    out_def: Any, out_leaves: list, intern: Callable[[Any, list], int]
-) -> list[tuple[int, int, int]]:
-    """For a tuple output: each element's slice of the output leaves and its token."""
-    parts, start = [], 0
-    for child in out_def.children():
-        end = start + child.num_leaves
-        parts.append((start, end, intern(child, out_leaves[start:end])))
-        start = end
-    return parts
 
 
 @overload

@@ -5,7 +5,10 @@ field with `object.__setattr__`. For a fixed output structure, one generated fun
 that creates every module and sets its whole `__dict__` at once does the same work in a
 fraction of the time. It is generated from the output seen at trace time and checked
 against `treedef.unflatten` before use; any structure it does not know is rebuilt by
-JAX for that subtree.
+JAX for that subtree. Every container it returns is new on every call.
+
+A `Plan` holds all that for one trace: the compiled call returns it next to the traced
+outputs, so that each call is rebuilt by the trace that served it.
 """
 
 import dataclasses
@@ -15,6 +18,66 @@ from typing import Any, cast
 
 import equinox as eqx
 import jax.tree_util as jtu
+
+
+class Plan:
+    """How to rebuild the outputs of one trace from its traced outputs.
+
+    The compiled call returns it next to them: a pytree node without leaves, which
+    JAX's C++ fast path rebuilds by calling `lambda plan, _: plan`, so a call always
+    gets the plan of the trace that served it (whatever its shapes, from any thread).
+
+    - `build`: all output leaves -> `(outputs, groups)`, see `builder`.
+    - `merge`: traced outputs -> all output leaves; `None` if every leaf is traced.
+    - `parts`: for a tuple output, each element's `(start, end, token)`, else `None`.
+    - `token`: the token of any other output (what `token` gave for it).
+    """
+
+    __slots__ = ("build", "merge", "parts", "token")
+
+    def __init__(self, out: Any, traced: list[bool], token: Callable[[Any, list], int]) -> None:
+        leaves, out_def = jtu.tree_flatten(out)
+        self.build = builder(out, out_def)
+        self.merge = _merger(leaves, traced)
+        self.parts: list[tuple[int, int, int]] | None = None
+        self.token = 0
+        if type(out) is tuple:
+            self.parts, start = [], 0
+            for child in out_def.children():
+                end = start + child.num_leaves
+                self.parts.append((start, end, token(child, leaves[start:end])))
+                start = end
+        else:
+            self.token = token(out_def, leaves)
+
+
+jtu.register_pytree_node(Plan, lambda p: ((), p), lambda p, _: p)
+
+
+def getter(positions: list[int], n: int | None = None) -> Callable[[Any], tuple]:
+    """`f(seq) -> tuple(seq[i] for i in positions)`, at C speed (`seq` has `n` items)."""
+    if not positions:
+        return lambda seq: ()
+    if positions == list(range(n or 0)):
+        return tuple
+    if len(positions) == 1:
+        (i,) = positions
+        return lambda seq: (seq[i],)
+    return operator.itemgetter(*positions)
+
+
+def _merger(leaves: list, traced: list[bool]) -> Callable[[Any], Any] | None:
+    """`f(traced outputs) -> all output leaves`, at C speed; `None` if all are traced."""
+    if all(traced):
+        return None
+    dyn = [i for i, t in enumerate(traced) if t]
+    static = [i for i, t in enumerate(traced) if not t]
+    values = [leaves[i] for i in static]
+    source = [0] * len(leaves)
+    for j, i in enumerate(dyn + static):
+        source[i] = j
+    get = getter(source)
+    return lambda out: get([*out, *values])
 
 
 def _is_plain_module(x: Any) -> bool:
