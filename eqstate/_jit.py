@@ -294,9 +294,9 @@ class Jit:
             raise ValueError(f"eqstate.jit(max_traces=...) must be >= 1, got {max_traces}.")
         # the function's own fields: never `__dict__`, which would shadow ours
         ft.update_wrapper(self, fn, updated=())  # pyright: ignore[reportArgumentType]
-        for attr in ("__name__", "__qualname__"):
+        for attr in ("__name__", "__qualname__"):  # a callable module's: its class's
             if attr not in vars(self):
-                setattr(self, attr, type(fn).__name__)
+                setattr(self, attr, getattr(type(fn), attr))
         self.fn = fn
         self.donate = donate
         self.max_traces = max_traces
