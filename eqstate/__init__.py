@@ -3,7 +3,7 @@
 from . import metrics as metrics, nn as nn
 from ._filters import combine as combine, filter as filter, partition as partition, spec as spec
 from ._grad import grad as grad, value_and_grad as value_and_grad
-from ._jit import jit as jit
+from ._jit import RetraceWarning as RetraceWarning, jit as jit
 from ._kinds import (
     BatchStat as BatchStat,
     Kind as Kind,

@@ -926,5 +926,15 @@ def test_the_callers_model_survives_every_failed_call():
             np.testing.assert_array_equal(a, b)
 
 
+def test_repeated_retraces_warn_with_the_reason_and_the_fix():
+    f = eqstate.jit(lambda x, lr: x * lr)
+    with pytest.warns(eqstate.RetraceWarning) as record:
+        for i in range(9):
+            f(jnp.ones(2), float(i))
+    message = str(record[0].message)
+    assert_matches(r"The static value of args\[1\] changed from 7\.0 to 8\.0", message)
+    assert_matches(r"Pass Python numbers that change between calls as arrays", message)
+
+
 def test_the_catalogue_is_large_enough():
     assert len(CASES) >= 80
