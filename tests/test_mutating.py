@@ -728,3 +728,23 @@ def test_rng_fields_may_hold_containers_of_keys():
         TypeError, match=r"Keys\.keys is an `Rng` field but holds an array of dtype int32"
     ):
         Keys((jax.random.key(0), 3))
+
+
+class Queue(eqstate.Module):
+    items: list
+
+    @eqstate.mutating
+    def push(self, x):
+        self.items.pop(0)
+        self.items.append(x)
+
+
+def test_a_list_that_keeps_its_length_is_compared_item_by_item():
+    q = Queue([jnp.zeros(2), jnp.ones(2)])
+    _, q2 = q.push(jnp.full(2, 5.0))
+    assert [float(i[0]) for i in q2.items] == [1.0, 5.0]
+    with pytest.raises(
+        ValueError,
+        match=r"Queue\.items\[1\] has shape \(2,\) but was assigned a value of shape \(3,\)",
+    ):
+        q.push(jnp.zeros(3))
