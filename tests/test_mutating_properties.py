@@ -217,14 +217,13 @@ models = st.one_of(
 ).map(lambda d: Box(data=d))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(model=models, data=st.data())
-def test_input_unchanged_and_output_as_asked(model, data):
+def check(model, run):
+    """Run a random body through `run`; the input is unchanged and the output as asked."""
     _GROWN.clear()
     before = plain(model)
     log = []
     try:
-        _, new = model.run(data.draw, log, 0)
+        _, new = run(model, log)
     except BoomError:
         assert same(plain(model), before)
         return
@@ -232,20 +231,15 @@ def test_input_unchanged_and_output_as_asked(model, data):
     expected = copy.deepcopy(before)
     apply(expected, log)
     assert same(plain(new), expected)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=models, data=st.data())
+def test_input_unchanged_and_output_as_asked(model, data):
+    check(model, lambda m, log: m.run(data.draw, log, 0))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=models, data=st.data())
 def test_same_under_filter_jit(model, data):
-    _GROWN.clear()
-    before = plain(model)
-    log = []
-    try:
-        _, new = eqx.filter_jit(lambda m: m.run(data.draw, log, 0))(model)
-    except BoomError:
-        assert same(plain(model), before)
-        return
-    assert same(plain(model), before)
-    expected = copy.deepcopy(before)
-    apply(expected, log)
-    assert same(plain(new), expected)
+    check(model, lambda m, log: eqx.filter_jit(lambda m: m.run(data.draw, log, 0))(m))
