@@ -12,7 +12,8 @@ import optax
 from ._filters import Filter, check_same_structure, describe
 from ._grad import split_differentiable
 from ._kinds import OptState, Param
-from ._module import Module, mutating
+from ._module import Module
+from ._mutating import mutating
 
 
 _MSG_MISSING_GRAD = (

@@ -10,7 +10,8 @@ from jaxtyping import Array, ArrayLike
 
 from .._filters import combine, filter as filter_
 from .._kinds import State
-from .._module import Module, mutating
+from .._module import Module
+from .._mutating import mutating
 
 
 _MSG_PUT_BACK = (

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._kinds import BatchStat
-from .._module import Module, mutating
+from .._module import Module
+from .._mutating import mutating
 
 
 _MSG_NUM_FEATURES = (

@@ -10,7 +10,8 @@ from jaxtyping import Array, PRNGKeyArray
 
 from .._convert import is_key
 from .._kinds import Rng
-from .._module import Module, mutating
+from .._module import Module
+from .._mutating import mutating
 from .._rng import next_key
 
 

@@ -9,7 +9,8 @@ import jax.tree_util as jtu
 from .._filters import Filter, check_same_structure, describe
 from .._grad import split_differentiable
 from .._kinds import Param, State
-from .._module import Module, mutating
+from .._module import Module
+from .._mutating import mutating
 
 
 _M = TypeVar("_M")
