@@ -24,11 +24,10 @@ from typing import Any, Literal, overload
 
 import jax
 import jax.tree_util as jtu
-import numpy as np
-from jax.core import Tracer
 
-from ._filters import first_mismatch
-from ._rebuild import Plan, getter, snapshot, unchanged
+from ._rebuild import Plan, getter, snapshot
+from ._retrace import argpath, explain, skeleton
+from ._tokens import ARRAY_TOKEN, DYN, KWARGS, Memo, Parts, is_array, key_static, part
 
 
 _Donate = Literal["all", "all-except-first", "none"]
@@ -41,49 +40,6 @@ _MAX_REASONS = 100  # retrace reasons kept per `Jit`
 class RetraceWarning(UserWarning):
     """An `eqstate.jit` function keeps compiling again: its calls keep changing a shape,
     a dtype or a static (non-array) value."""
-
-
-class _Dyn:
-    """Marks where a traced leaf goes in a static template."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<traced>"
-
-
-_DYN = _Dyn()
-
-
-class _Kind(dict):
-    """`type -> marker` for a leaf: `_DYN` if it is traced (as `eqx.is_array`), the type
-    itself for numbers and strings (whose values compare equal across types: `1 == 1.0
-    == True`, so the cache key holds them with their type), else `None`."""
-
-    def __missing__(self, t: type) -> Any:
-        if issubclass(t, (np.ndarray, np.generic, Tracer, jax.Array)):
-            value = _DYN
-        elif issubclass(t, (bool, int, float, complex, str, bytes)):
-            value = t
-        else:
-            value = None
-        self[t] = value
-        return value
-
-
-_KIND = _Kind()
-
-
-def _is_array(x: Any) -> bool:
-    return _KIND[type(x)] is _DYN
-
-
-def _key_static(leaves: list) -> tuple:
-    """The static part of some leaves as a cache key: `_DYN` for each traced leaf."""
-    kind = _KIND
-    return tuple(
-        [_DYN if (k := kind[type(x)]) is _DYN else (x if k is None else (k, x)) for x in leaves]
-    )
 
 
 _MSG_UNHASHABLE = (
@@ -106,151 +62,6 @@ _MSG_RETRACES = (
 )
 
 
-def _weak(x: Any) -> bool:
-    return bool(getattr(x, "weak_type", False))
-
-
-def _fmt(x: Any) -> str:
-    if isinstance(x, jax.ShapeDtypeStruct):
-        weak = ", weak" if x.weak_type else ""
-        return f"{x.dtype}{list(x.shape)}{weak}"
-    return repr(x)
-
-
-def _leaf(x: Any) -> str:
-    return f"an array {_fmt(x)}" if isinstance(x, jax.ShapeDtypeStruct) else repr(x)
-
-
-def _same(x: Any, y: Any) -> bool:
-    try:
-        return x is y or (type(x) is type(y) and bool(x == y))
-    except Exception:
-        return False
-
-
-def _explain(old: Any, new: Any) -> str:
-    """Name the first argument path where two skeletons differ, and how."""
-    where = first_mismatch(old, new, where=_argpath, leaf=_leaf)
-    if where is not None:
-        return f"The structure of the arguments changed {where}."
-    a, _ = jtu.tree_flatten_with_path(old)
-    b = jtu.tree_leaves(new)
-    for (path, x), y in zip(a, b):
-        if _same(x, y):
-            continue
-        name = _argpath(path)
-        x_array = isinstance(x, jax.ShapeDtypeStruct)
-        y_array = isinstance(y, jax.ShapeDtypeStruct)
-        if x_array and y_array:
-            return f"The shape/dtype of {name} changed from {_fmt(x)} to {_fmt(y)}."
-        if y_array:
-            return f"{name} changed from the static value {x!r} to an array {_fmt(y)}."
-        if x_array:
-            return f"{name} changed from an array {_fmt(x)} to the static value {y!r}."
-        return f"The static value of {name} changed from {x!r} to {y!r}."
-    return "Nothing in the arguments changed (JAX retraced for another reason)."
-
-
-def _argpath(path: tuple) -> str:
-    """`((args, kwargs), ...)` key path -> `args[0].bn.mean` / `kwargs['x']`."""
-    if not path:
-        return "the arguments"
-    head, *rest = path
-    name = "args" if getattr(head, "idx", None) == 0 else "kwargs"
-    rest_path = rest[1:] if name == "kwargs" else rest
-    prefix = f"kwargs[{rest[0].key!r}]" if name == "kwargs" and rest else name
-    return prefix + jtu.keystr(tuple(rest_path))
-
-
-def _skeleton(tree: Any) -> Any:
-    """`tree` with each array replaced by its shape, dtype and weak type."""
-    return jtu.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=_weak(x)) if _is_array(x) else x,
-        tree,
-    )
-
-
-_ARRAY_TOKEN = 0  # the token of a lone array (never memoised)
-_KWARGS = -1  # separates positional tokens from the keyword-arguments token
-
-
-class _Parts:
-    """Interns `(treedef, static key)` pairs of one `Jit`'s arguments as small integers.
-
-    The cache key of a call is the tuple of its arguments' tokens: cheap to hash and
-    compare however large the model. A number is never given to two pairs, so a token
-    that outlived its pair (see `keep_only`) can only miss the cache.
-    """
-
-    __slots__ = ("_ids", "_next")
-
-    def __init__(self) -> None:
-        self._ids: dict[tuple[Any, tuple], int] = {(jtu.tree_structure(0), (_DYN,)): _ARRAY_TOKEN}
-        self._next = itertools.count(_ARRAY_TOKEN + 1)
-
-    def token(self, treedef: Any, static: tuple) -> int:
-        key = (treedef, static)
-        tok = self._ids.get(key)  # TypeError for an unhashable static leaf
-        if tok is None:
-            tok = self._ids.setdefault(key, next(self._next))
-        return tok
-
-    def keep_only(self, live: set[int]) -> None:
-        self._ids = {k: t for k, t in self._ids.items() if t in live or t == _ARRAY_TOKEN}
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-
-class _Memo:
-    """Leaves and token of the objects a `Jit` returned, by identity, while they live.
-
-    Modules are immutable, so an object returned by the last step and passed to the
-    next needs no second flatten (Equinox modules flatten in Python, node by node). The
-    lists and dicts inside are mutable: a hit also checks they were not changed.
-    """
-
-    __slots__ = ("_d",)
-
-    def __init__(self) -> None:
-        self._d: dict[int, tuple[weakref.ref, Any, int, tuple]] = {}
-
-    def get(self, obj: Any) -> tuple[Any, int] | None:
-        hit = self._d.get(id(obj))
-        if hit is not None and hit[0]() is obj and unchanged(hit[3]):
-            return hit[1], hit[2]
-        return None
-
-    def put(self, obj: Any, leaves: Any, tok: int, snap: tuple) -> None:
-        try:
-            ref = weakref.ref(obj, ft.partial(_forget, self._d, id(obj)))
-        except TypeError:  # tuples, lists, ... cannot be weakly referenced
-            return
-        if len(self._d) > 1024:
-            self._d.clear()
-        self._d[id(obj)] = (ref, leaves, tok, snap)
-
-    def clear(self) -> None:
-        self._d.clear()
-
-
-def _forget(d: dict, key: int, ref: weakref.ref) -> None:
-    hit = d.get(key)
-    if hit is not None and hit[0] is ref:
-        del d[key]
-
-
-def _part(x: Any, memo: _Memo, parts: _Parts) -> tuple[Any, int]:
-    """The leaves of one argument and the token of its structure and static part."""
-    if _KIND[type(x)] is _DYN:
-        return (x,), _ARRAY_TOKEN
-    hit = memo.get(x)
-    if hit is not None:
-        return hit
-    leaves, treedef = jtu.tree_flatten(x)
-    return leaves, parts.token(treedef, _key_static(leaves))
-
-
 class _Entry:
     """One cache key: its jitted function, and which tokens it uses."""
 
@@ -260,7 +71,7 @@ class _Entry:
         self.keep = getter(keep_pos, n)  # traced leaves kept by the caller
         self.give = getter(give_pos, n)  # traced leaves donated
         self.call: Callable[..., Any] = _unset
-        self.live = {t for t in key if t != _KWARGS}  # tokens of its key and outputs
+        self.live = {t for t in key if t != KWARGS}  # tokens of its key and outputs
         self.ok = False  # whether a trace has succeeded
         self.stamp = 0  # when last called, for least-recently-used eviction
 
@@ -306,8 +117,8 @@ class Jit:
         self._warned = False
         self._cache: dict[tuple[int, ...], _Entry] = {}
         self._max_entries = _MAX_ENTRIES
-        self._memo = _Memo()
-        self._parts = _Parts()
+        self._memo = Memo()
+        self._parts = Parts()
         self._plans: dict[tuple, tuple[str, ...]] = {}
         self._lock = threading.RLock()
         self._clock = itertools.count(1)
@@ -333,13 +144,13 @@ class Jit:
         toks = []
         try:
             for a in args:
-                a_leaves, tok = _part(a, memo, parts)
+                a_leaves, tok = part(a, memo, parts)
                 leaves += a_leaves
                 toks.append(tok)
             if kwargs:
-                k_leaves, tok = _part(kwargs, memo, parts)
+                k_leaves, tok = part(kwargs, memo, parts)
                 leaves += k_leaves
-                toks += (_KWARGS, tok)
+                toks += (KWARGS, tok)
         except TypeError:
             self._raise_unhashable((args, kwargs))
             raise
@@ -360,11 +171,11 @@ class Jit:
             return result
         parts = out.parts
         if parts is None:
-            if out.token != _ARRAY_TOKEN and groups[0] is not None:
+            if out.token != ARRAY_TOKEN and groups[0] is not None:
                 memo.put(result, full, out.token, snapshot(groups[0]))
         else:
             for obj, (lo, hi, tok), group in zip(result, parts, groups):
-                if tok != _ARRAY_TOKEN and group is not None:
+                if tok != ARRAY_TOKEN and group is not None:
                     memo.put(obj, full[lo:hi], tok, snapshot(group))
         return result
 
@@ -409,7 +220,7 @@ class Jit:
         with self._lock:
             parts = self._parts
             flat = [jtu.tree_flatten(a) for a in args]
-            toks = [parts.token(d, _key_static(leaves)) for leaves, d in flat]
+            toks = [parts.token(d, key_static(leaves)) for leaves, d in flat]
             defs = [self._fn_def] if self._fn_is_tree else []
             defs += [d for _, d in flat]
             leaves = [*self._fn_leaves]
@@ -419,7 +230,7 @@ class Jit:
             if kwargs:
                 k_leaves, k_def = jtu.tree_flatten(kwargs)
                 leaves += k_leaves
-                toks += (_KWARGS, parts.token(k_def, _key_static(k_leaves)))
+                toks += (KWARGS, parts.token(k_def, key_static(k_leaves)))
             key = tuple(toks)
             entry = self._cache.get(key)
             if entry is None:
@@ -427,7 +238,7 @@ class Jit:
             return entry, leaves
 
     def _build(self, key: tuple, defs: list, k_def: Any, leaves: list, n_args: int) -> _Entry:
-        template = [_DYN if _is_array(x) else x for x in leaves]
+        template = [DYN if is_array(x) else x for x in leaves]
         n_fn = len(self._fn_leaves)
         if self.donate == "none":
             first = len(template)
@@ -435,7 +246,7 @@ class Jit:
             first = n_fn  # the function's own arrays are never donated
         else:
             first = n_fn + defs[1 if self._fn_is_tree else 0].num_leaves
-        dyn_pos = [i for i, s in enumerate(template) if s is _DYN]
+        dyn_pos = [i for i, s in enumerate(template) if s is DYN]
         keep_pos = [i for i in dyn_pos if i < first]
         give_pos = [i for i in dyn_pos if i >= first]
         entry = _Entry(keep_pos, give_pos, len(template), key)
@@ -468,22 +279,22 @@ class Jit:
                 del self._cache[key]
 
     def _intern_outputs(self, entry: _Entry, treedef: Any, leaves: list) -> int:
-        """The token of an output part; `_ARRAY_TOKEN` (never memoised) if unhashable."""
+        """The token of an output part; `ARRAY_TOKEN` (never memoised) if unhashable."""
         with self._lock:
             try:
-                tok = self._parts.token(treedef, _key_static(leaves))
+                tok = self._parts.token(treedef, key_static(leaves))
             except TypeError:
-                return _ARRAY_TOKEN
+                return ARRAY_TOKEN
             entry.live.add(tok)
             return tok
 
     def _before_trace(self, args: tuple, kwargs: dict) -> tuple[Any, Any, str | None]:
         """Enforce `max_traces` (and warn past `_WARN_TRACES`) before tracing the call
         `(args, kwargs)` (as the caller passed them); nothing is counted yet."""
-        skeleton = _skeleton((args, kwargs))
+        now = skeleton((args, kwargs), is_array)
         with self._lock:
             last = self._last
-            reason = None if last is None else _explain(last, skeleton)
+            reason = None if last is None else explain(last, now)
             self._check_limit(reason)
             warn = self.max_traces is None and self.traces >= _WARN_TRACES and not self._warned
             self._warned |= warn
@@ -493,20 +304,20 @@ class Jit:
                 RetraceWarning,
                 stacklevel=_user_stacklevel(),
             )
-        return skeleton, last, reason
+        return now, last, reason
 
     def _after_trace(self, entry: _Entry, pending: tuple[Any, Any, str | None]) -> None:
         """Count a trace that succeeded and say what changed since the last one."""
-        skeleton, last, reason = pending
+        now, last, reason = pending
         with self._lock:
             if self._last is not last:  # another thread traced meanwhile
-                reason = _explain(self._last, skeleton)
+                reason = explain(self._last, now)
             self._check_limit(reason)
             self.traces += 1
             if reason is not None:
                 self.retrace_reasons.append(reason)
                 del self.retrace_reasons[:-_MAX_REASONS]
-            self._last = skeleton
+            self._last = now
             entry.ok = True
 
     def _check_limit(self, reason: str | None) -> None:
@@ -522,13 +333,13 @@ class Jit:
 
     def _raise_unhashable(self, tree: Any) -> None:
         for path, x in jtu.tree_flatten_with_path(tree)[0]:
-            if _is_array(x):
+            if is_array(x):
                 continue
             try:
                 hash(x)
             except TypeError:
                 raise TypeError(
-                    _MSG_UNHASHABLE.format(path=_argpath(path), type=type(x).__name__)
+                    _MSG_UNHASHABLE.format(path=argpath(path), type=type(x).__name__)
                 ) from None
 
 
@@ -559,12 +370,12 @@ def _tracer(
             pending = None if owner is None else owner._before_trace(call_args, kwargs)
             out = call(*call_args, **kwargs)
             out_leaves = jtu.tree_leaves(out)
-            flags = [_is_array(x) for x in out_leaves]
+            flags = [is_array(x) for x in out_leaves]
             if owner is not None and entry is not None and pending is not None:
                 plan = Plan(out, flags, ft.partial(owner._intern_outputs, entry))
                 owner._after_trace(entry, pending)
             else:
-                plan = Plan(out, flags, lambda treedef, leaves: _ARRAY_TOKEN)
+                plan = Plan(out, flags, lambda treedef, leaves: ARRAY_TOKEN)
         except BaseException:
             if owner is not None and entry is not None:
                 owner._drop(key, entry)
