@@ -63,7 +63,7 @@ _CATEGORIES = (
 )
 
 
-def _category(x: Any) -> int:
+def category(x: Any) -> int:
     """0 bool, 1 integer, 2 floating, 3 complex (Python scalars included)."""
     if isinstance(x, (bool, np.bool_)):
         return 0
@@ -144,7 +144,7 @@ def _fit_slow(value: Any, old: Any, where: str, fixed_shape: bool) -> Any:
             new = getattr(value, "dtype", type(value).__name__)
             raise TypeError(_MSG_KEY.format(where=where, old=old.dtype, new=new))
     else:
-        have, got = _category(old), _category(value)
+        have, got = category(old), category(value)
         if got > have and got < 4 and have < 4:
             what_old, what_new = _CATEGORIES[have][1], _CATEGORIES[got][1]
             raise TypeError(

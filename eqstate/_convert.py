@@ -12,6 +12,12 @@ def is_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def canonical_dtype(dtype: Any) -> Any:
+    """The dtype JAX computes with for `dtype`: float64 NumPy leaves are float32 when
+    x64 is off, so a model with them and its traced version compare equal."""
+    return jax.dtypes.canonicalize_dtype(dtype, allow_extended_dtype=True)
+
+
 def is_array_like(x: Any) -> bool:
     """Whether `x` is an array or a Python/NumPy scalar (what a State field converts)."""
     return isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))

@@ -10,7 +10,7 @@ import numpy as np
 from typing_extensions import dataclass_transform
 
 from ._checks import check_static, fit_tree, is_array
-from ._convert import is_key, to_strong
+from ._convert import canonical_dtype, is_key, to_strong
 from ._draft import drafts
 from ._filters import Filter, check_same_structure, filter as filter_, merge
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, Rng, State, field, field_kind
@@ -256,7 +256,8 @@ def _update(model: _T, trees: tuple, where: str) -> _T:
             if new is None or new is old or not is_array(old):
                 continue
             shape, dtype = getattr(new, "shape", None), getattr(new, "dtype", None)
-            if dtype == old.dtype and (shape == old.shape or not _fixed_at(model, j)):
+            same_dtype = dtype is not None and canonical_dtype(dtype) == canonical_dtype(old.dtype)
+            if same_dtype and (shape == old.shape or not _fixed_at(model, j)):
                 continue
             path = jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][j][0]
             desc = f"an array {dtype}{list(shape)}" if shape is not None else repr(new)

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
+from ._checks import category
+from ._convert import canonical_dtype, is_array_like
 from ._filters import Filter, check_same_structure, describe
 from ._grad import split_differentiable
 from ._kinds import OptState, Param
@@ -74,6 +76,12 @@ _MSG_SCHEDULED = (
     "Optimizer.with_hyperparams: {name} follows a schedule in this optimizer; optax "
     "recomputes it from the schedule at every step, so a value set here would be "
     "overwritten. Inject a constant {name} to set it by hand, or change the schedule."
+)
+_MSG_HYPERPARAM_VALUE = (
+    "Optimizer.with_hyperparams: {name} holds {old} values (from the value given to "
+    "`optax.inject_hyperparams`), but was given {new!r}; {why}. Give a number, or inject "
+    "a value of the right type when building the transformation (e.g. "
+    "`{name}=1.0` rather than `{name}=1`)."
 )
 _MSG_HYPERPARAM_SHAPE = (
     "Optimizer.with_hyperparams: {name} must be a value of shape {old}, as the optimizer "
@@ -179,7 +187,7 @@ class Optimizer(Module):
         self.opt_leaves = tuple(leaves)
         self.shapes = _Shapes(
             tuple(
-                None if p is None else (tuple(p.shape), p.dtype)
+                None if p is None else (tuple(p.shape), canonical_dtype(p.dtype))
                 for p in jtu.tree_leaves(params, is_leaf=_is_none)
             )
         )
@@ -315,7 +323,7 @@ class Optimizer(Module):
         if len(entries) != len(p_leaves):
             raise ValueError(_MSG_MODEL_STRUCTURE.format(new=len(p_leaves), old=len(entries)))
         for i, (p, e) in enumerate(zip(p_leaves, entries)):
-            if (e is None) if p is None else (e == (p.shape, p.dtype)):
+            if (e is None) if p is None else (e == (p.shape, canonical_dtype(p.dtype))):
                 continue
             unselected = f"not an inexact array that wrt={describe(self.wrt)} selects"
             new = _describe(p) if p is not None else f"{_describe(m_leaves[i])}, {unselected}"
@@ -387,6 +395,13 @@ def _is_injected(node: Any) -> bool:
 
 
 def _like(value: Any, old: Any, name: str) -> Any:
+    dtype = jnp.result_type(old)
+    if not is_array_like(value):
+        why = "it is not a number"
+        raise TypeError(_MSG_HYPERPARAM_VALUE.format(name=name, old=dtype, new=value, why=why))
+    if category(value) > category(old):
+        why = "the cast would lose information"
+        raise TypeError(_MSG_HYPERPARAM_VALUE.format(name=name, old=dtype, new=value, why=why))
     value = jnp.asarray(value)
     shape = jnp.shape(old)
     if value.shape != shape:

@@ -160,3 +160,44 @@ def test_putting_a_tree_back_is_not_a_batch():
         match=r"Collection\.update takes keyword arguments only, .* got 1 positional argument",
     ):
         metrics.update(jnp.ones(3))
+
+
+def test_accuracy_refuses_one_class_and_non_integer_labels():
+    with pytest.raises(
+        ValueError,
+        match=r"logits of shape \(2, 1\) have one score per example.*preds=\(logits\[\.\.\., 0\] > 0\)",
+    ):
+        Accuracy().update(jnp.ones((2, 1)), jnp.array([0, 1]))
+    with pytest.raises(
+        TypeError,
+        match=r"Accuracy\.update: labels must be integer class indices, got dtype float32",
+    ):
+        Accuracy().update(preds=jnp.array([0, 1]), labels=jnp.array([0.6, 1.4]))
+    # labels and predictions compare as integers, without wrapping into a narrow dtype
+    _, acc = Accuracy().update(preds=jnp.array([-56, 1], jnp.int8), labels=jnp.array([200, 1]))
+    assert float(acc.compute()) == 0.5
+    _, acc = Accuracy().update(preds=jnp.array([True, False]), labels=jnp.array([2, 0]))
+    assert float(acc.compute()) == 0.5
+
+
+def test_accuracy_weights_count():
+    logits = jnp.eye(2)
+    _, acc = Accuracy().update(
+        logits=logits, labels=jnp.array([0, 0]), weights=jnp.array([1.0, 0.0])
+    )
+    assert float(acc.compute()) == 1.0
+    _, acc = acc.update(logits=logits, labels=jnp.array([0, 0]))  # unweighted: weight 1 each
+    assert float(acc.compute()) == pytest.approx(2 / 3)
+
+
+def test_mean_reads_its_own_argname_first_and_weighs_examples():
+    metrics = Collection(loss=Mean(argname="loss"), vals=Mean())
+    _, metrics = metrics.update(loss=jnp.array([10.0]), values=jnp.array([1.0]))
+    assert float(metrics["loss"].compute()) == 10.0 and float(metrics["vals"].compute()) == 1.0
+    _, mean = Mean().update(jnp.array([[1.0, 2.0], [3.0, 4.0]]), weights=jnp.array([1.0, 0.0]))
+    assert float(mean.compute()) == 1.5  # one weight per example (row)
+    with pytest.raises(
+        ValueError,
+        match=r"Mean\.update: weights of shape \(3,\) do not fit values of shape \(2, 2\).*one weight per example, shape \(2,\)",
+    ):
+        Mean().update(jnp.ones((2, 2)), weights=jnp.ones(3))

@@ -321,19 +321,36 @@ def test_dropout_per_example_under_vmap_is_an_error():
     assert len({tuple(np.asarray(r)) for r in ys}) == 8
 
 
+def test_ema_of_bfloat16_parameters_keeps_moving():
+    model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    low = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model
+    )
+    target = jax.tree_util.tree_map(lambda x: x + 1 if eqx.is_inexact_array(x) else x, low)
+    ema = EMA(low, decay=0.999)
+    step = jax.jit(lambda e, m: e.update(m)[1])
+    for _ in range(3000):
+        ema = step(ema, target)
+    moved = ema.apply(low)
+    assert moved.weight.dtype == jnp.bfloat16  # the model's dtype; the average is float32
+    np.testing.assert_allclose(
+        np.asarray(moved.weight, np.float32), np.asarray(low.weight, np.float32) + 0.95, atol=0.02
+    )
+
+
 def test_ema_refuses_models_of_other_shapes_and_trees_to_put_back():
     model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
     ema = EMA(model, decay=0.5)
-    halved = eqx.tree_at(lambda m: m.weight, model, model.weight.astype(jnp.bfloat16))
+    halved = eqx.tree_at(lambda m: m.weight, model, model.weight.astype(jnp.complex64))
     fix = r"build the EMA from the model you train: `ema = eqstate\.nn\.EMA\(model, decay=\.\.\.\)`"
     with pytest.raises(
         ValueError,
-        match=r"EMA\.update: the model's leaf at \.weight is bfloat16\[2, 2\], but the average "
+        match=r"EMA\.update: the model's leaf at \.weight is complex64\[2, 2\], but the average "
         r"holds float32\[2, 2\] there\..*" + fix,
     ):
         ema.update(halved)
     with pytest.raises(
-        ValueError, match=r"EMA\.apply: the model's leaf at \.weight is bfloat16\[2, 2\]"
+        ValueError, match=r"EMA\.apply: the model's leaf at \.weight is complex64\[2, 2\]"
     ):
         ema.apply(halved)
     wide = eqx.tree_at(lambda m: m.bias, model, jnp.zeros(5))
@@ -371,3 +388,13 @@ def test_ema_refuses_models_of_other_shapes_and_trees_to_put_back():
     # a one-argument filter as wrt=
     both = EMA(model, wrt=eqx.is_inexact_array)
     assert both.params.weight is not None and both.params.bias is not None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "offset", "scale"), [(jnp.bfloat16, 30.0, 1.0), (jnp.float32, 1000.0, 0.1)]
+)
+def test_batch_norm_statistics_do_not_cancel(dtype, offset, scale):
+    x = offset + scale * jax.random.normal(jax.random.key(0), (256, 4))
+    y, bn = BatchNorm(4, dtype=dtype, eps=0.0)(x.astype(dtype))
+    assert y.dtype == dtype and bn.running_var.dtype == dtype
+    np.testing.assert_allclose(np.std(np.asarray(y, np.float32), axis=0), 1.0, atol=0.05)

@@ -336,3 +336,36 @@ def test_opt_state_is_read_only_and_with_hyperparams_errors():
         ValueError, match=r"learning_rate must be a value of shape \(\), .* got shape \(2,\)"
     ):
         opt.with_hyperparams(learning_rate=jnp.ones(2))
+
+
+class F64(eqstate.Module):
+    w: np.ndarray
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_float64_numpy_leaves_are_their_float32_selves():
+    model = F64(np.random.default_rng(0).normal(size=3))  # float64, x64 off
+    loss = lambda m: jnp.sum(jnp.asarray(m.w) ** 2)  # noqa: E731
+    opt = eqstate.Optimizer(optax.sgd(0.1), model)
+    m, o = model, opt
+    for _ in range(2):
+        m, o = o.update(eqstate.grad(loss)(m), m)
+    jitted = eqstate.jit(lambda m, o: o.update(eqstate.grad(loss)(m), m))
+    jitted(model, opt)
+    ema = eqstate.nn.EMA(model)
+    ema.update(model)
+    ema.apply(model)
+    jax.grad(lambda p: loss(model.update(p)))(model.parameters())
+
+
+@pytest.mark.usefixtures("standard_promotion")
+def test_with_hyperparams_refuses_lossy_values():
+    model = F64(np.ones(3, np.float32))
+    opt = eqstate.Optimizer(optax.inject_hyperparams(optax.sgd)(learning_rate=1), model)
+    with pytest.raises(
+        TypeError,
+        match=r"learning_rate holds int32 values .* given 0\.5; the cast would lose information.*`learning_rate=1\.0` rather than `learning_rate=1`",
+    ):
+        opt.with_hyperparams(learning_rate=0.5)
+    with pytest.raises(TypeError, match=r"given None; it is not a number"):
+        opt.with_hyperparams(learning_rate=None)

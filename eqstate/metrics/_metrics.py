@@ -86,6 +86,22 @@ class Metric(Module):
         return combine(summed, self)
 
 
+_MSG_WEIGHTS = (
+    "{cls}.update: weights of shape {w} do not fit values of shape {v}. Weights weigh "
+    "examples along the leading axes: give shape {v} or a prefix of it (e.g. one weight "
+    "per example, shape {first})."
+)
+
+
+def _per_example(weights: ArrayLike, shape: tuple[int, ...], cls: str) -> Array:
+    """`weights` broadcast from the leading axes of `shape` (one weight per example)."""
+    w = jnp.asarray(weights)
+    if w.shape != shape[: w.ndim]:
+        first = shape[:1]
+        raise ValueError(_MSG_WEIGHTS.format(cls=cls, w=w.shape, v=shape, first=first))
+    return jnp.broadcast_to(w.reshape(w.shape + (1,) * (len(shape) - w.ndim)), shape)
+
+
 def _pick(metric: Metric, given: Any, kwargs: dict[str, Any], name: str) -> Any:
     if given is not None:
         return given
@@ -124,13 +140,15 @@ class Mean(Metric):
     ) -> None:
         """Add `values` (any shape; every element counts), optionally `weights`."""
         _check_batch(self, (values, weights), kwargs)
+        if self.argname != "values" and self.argname in kwargs:
+            values = kwargs[self.argname]  # its own name first, in a Collection too
         values = jnp.asarray(_pick(self, values, kwargs, self.argname))
         values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
         if weights is None:
             self.total += jnp.sum(values)
             self.count += values.size
         else:
-            w = jnp.broadcast_to(jnp.asarray(weights), values.shape).astype(values.dtype)
+            w = _per_example(weights, values.shape, type(self).__name__).astype(values.dtype)
             self.total += jnp.sum(values * w)
             self.weight += jnp.sum(w)
 
@@ -143,14 +161,23 @@ class Accuracy(Metric):
     """The fraction of correct predictions over batches.
 
     `update(logits=..., labels=...)` takes class scores (the last axis is the class
-    axis) or `preds=` class indices, and integer `labels`.
+    axis, at least two classes) or `preds=` class indices, and integer `labels`;
+    optionally `weights=` (one per prediction, or a prefix of their shape).
 
-    `correct` and `count` are int32 counts, exact up to 2**31 - 1 predictions;
-    `compute()` returns a float32 fraction.
+    **Fields** (`State`, summed over batches):
+
+    - `correct`, `count`: correct and all predictions added without weights, int32
+        (exact up to 2**31 - 1).
+    - `weighted_correct`, `weight`: the same for predictions added with weights,
+        float32.
+
+    `compute()` returns `(correct + weighted_correct) / (count + weight)`, float32.
     """
 
     correct: Array = State.field(default=0)
     count: Array = State.field(default=0)
+    weighted_correct: Array = State.field(default=0.0)
+    weight: Array = State.field(default=0.0)
 
     @mutating
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
@@ -159,11 +186,14 @@ class Accuracy(Metric):
         labels: ArrayLike | None = None,
         *,
         preds: ArrayLike | None = None,
+        weights: ArrayLike | None = None,
         **kwargs: Any,
     ) -> None:
         """Add a batch of predictions: `logits` (`(..., classes)`) or `preds`, and `labels`."""
-        _check_batch(self, (logits, labels, preds), kwargs)
+        _check_batch(self, (logits, labels, preds, weights), kwargs)
         labels = jnp.asarray(_pick(self, labels, kwargs, "labels"))
+        if not _is_index(labels):
+            raise TypeError(_MSG_LABELS.format(what="labels", dtype=labels.dtype))
         if preds is None:
             logits = jnp.asarray(_pick(self, logits, kwargs, "logits"))
             if logits.shape[:-1] != labels.shape:
@@ -171,19 +201,46 @@ class Accuracy(Metric):
                     f"Accuracy.update: logits of shape {logits.shape} need labels of shape "
                     f"{logits.shape[:-1]}, got {labels.shape}."
                 )
+            if logits.shape[-1] < 2:
+                raise ValueError(_MSG_ONE_CLASS.format(shape=logits.shape))
             preds = jnp.argmax(logits, axis=-1)
         preds = jnp.asarray(preds)
+        if not _is_index(preds):
+            raise TypeError(_MSG_LABELS.format(what="preds", dtype=preds.dtype))
         if preds.shape != labels.shape:
             raise ValueError(
                 f"Accuracy.update: preds of shape {preds.shape} and labels of shape "
                 f"{labels.shape} differ."
             )
-        self.correct += jnp.sum(preds == labels.astype(preds.dtype), dtype=jnp.int32)
-        self.count += labels.size
+        hits = preds.astype(jnp.int32) == labels.astype(jnp.int32)  # no narrow wrap-around
+        if weights is None:
+            self.correct += jnp.sum(hits, dtype=jnp.int32)
+            self.count += labels.size
+        else:
+            w = _per_example(weights, labels.shape, "Accuracy").astype(jnp.float32)
+            self.weighted_correct += jnp.sum(jnp.where(hits, w, 0.0))
+            self.weight += jnp.sum(w)
 
     def compute(self) -> Array:
-        """`correct / count`, float32 (NaN before any update)."""
-        return self.correct.astype(jnp.float32) / self.count.astype(jnp.float32)
+        """`(correct + weighted_correct) / (count + weight)`, float32 (NaN before any
+        update)."""
+        hits = self.correct.astype(jnp.float32) + self.weighted_correct
+        return hits / (self.count.astype(jnp.float32) + self.weight)
+
+
+_MSG_LABELS = (
+    "Accuracy.update: {what} must be integer class indices, got dtype {dtype}. Pass "
+    "`{what}.astype(jnp.int32)` if they hold whole numbers."
+)
+_MSG_ONE_CLASS = (
+    "Accuracy.update: logits of shape {shape} have one score per example, so their "
+    "argmax is always class 0. For a binary (sigmoid) head, pass "
+    "`preds=(logits[..., 0] > 0).astype(jnp.int32)`."
+)
+
+
+def _is_index(x: Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_
 
 
 class Collection(Metric):

@@ -157,30 +157,38 @@ class BatchNorm(Module):
             raise ValueError(_MSG_ONE_VALUE.format(shape=x.shape))
         shape = [1] * x.ndim
         shape[axis] = n
-        stat_dtype = self.running_mean.dtype
-        xs = x.astype(jnp.promote_types(x.dtype, stat_dtype))
+        # statistics in float32 at least (bf16 sums lose the variance), two-pass
+        # (E[x^2] - E[x]^2 cancels catastrophically when the mean is large)
+        dtype = max(
+            (jnp.dtype(x.dtype), jnp.dtype(self.running_mean.dtype), jnp.dtype(jnp.float32)),
+            key=lambda d: d.itemsize,
+        )
+        xs = x.astype(dtype)
         if isinstance(flag, bool) and flag:
-            mean, var = self.running_mean, self.running_var
+            mean = self.running_mean.astype(dtype)
+            var = self.running_var.astype(dtype)
         else:
             reduce = tuple(i for i in range(x.ndim) if i != axis)
             mean = jnp.mean(xs, axis=reduce)
-            mean_sq = jnp.mean(jnp.square(xs), axis=reduce)
             if self.axis_name is not None:
                 mean = jax.lax.pmean(mean, self.axis_name)
-                mean_sq = jax.lax.pmean(mean_sq, self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            var = jnp.mean(jnp.square(xs - mean.reshape(shape)), axis=reduce)
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
             m = self.momentum
-            new_mean = m * self.running_mean + (1 - m) * mean
-            new_var = m * self.running_var + (1 - m) * var
+            new_mean = m * self.running_mean.astype(dtype) + (1 - m) * mean
+            new_var = m * self.running_var.astype(dtype) + (1 - m) * var
             if not isinstance(flag, bool):  # a traced flag: select both branches
-                mean = jnp.where(flag, self.running_mean, mean)
-                var = jnp.where(flag, self.running_var, var)
-                new_mean = jnp.where(flag, self.running_mean, new_mean)
-                new_var = jnp.where(flag, self.running_var, new_var)
+                mean = jnp.where(flag, self.running_mean.astype(dtype), mean)
+                var = jnp.where(flag, self.running_var.astype(dtype), var)
+                new_mean = jnp.where(flag, self.running_mean.astype(dtype), new_mean)
+                new_var = jnp.where(flag, self.running_var.astype(dtype), new_var)
             self.running_mean, self.running_var = new_mean, new_var
         y = (xs - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.eps)
         if self.weight is not None and self.bias is not None:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+            y = y * self.weight.reshape(shape).astype(dtype) + self.bias.reshape(shape).astype(
+                dtype
+            )
         return y.astype(x.dtype)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from .._convert import canonical_dtype
 from .._filters import Filter, check_same_structure, describe
 from .._grad import split_differentiable
 from .._kinds import Param, State
@@ -70,8 +71,9 @@ class EMA(Module):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(_MSG_DECAY.format(decay=decay))
         params, _ = split_differentiable(model, wrt, "EMA", "average")
-        # own buffers: never aliases of the model's, so either can be donated
-        self.params = jtu.tree_map(jnp.copy, params)
+        # own buffers, never aliases of the model's (so either can be donated), kept in
+        # float32 at least: a bfloat16 average would round each small step away
+        self.params = jtu.tree_map(lambda p: jnp.array(p, _accumulator(p.dtype)), params)
         self.step = jnp.zeros((), jnp.int32)
         self.decay = float(decay)
         self.warmup = warmup
@@ -97,7 +99,9 @@ class EMA(Module):
             t = self.step.astype(jnp.float32)
             decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
         self.params = jtu.tree_map(
-            lambda e, p: e + (1.0 - decay).astype(e.dtype) * (p - e), self.params, params
+            lambda e, p: e + (1.0 - decay).astype(e.dtype) * (p.astype(e.dtype) - e),
+            self.params,
+            params,
         )
         self.step += 1
 
@@ -109,7 +113,12 @@ class EMA(Module):
         """
         m_leaves, m_def = self._check(model, None, "apply")
         e_leaves = jtu.tree_leaves(self.params, is_leaf=_is_none)
-        return m_def.unflatten([m if e is None else e for m, e in zip(m_leaves, e_leaves)])
+        return m_def.unflatten(
+            [
+                m if e is None else e.astype(canonical_dtype(m.dtype))
+                for m, e in zip(m_leaves, e_leaves)
+            ]
+        )
 
     def _check(self, model: Any, params: Any, method: str) -> tuple[list, Any]:
         """Check `model` (and its `wrt` leaves `params`, for `update`) against the average.
@@ -127,7 +136,7 @@ class EMA(Module):
             if e is None:
                 if params is None or p is None:
                     continue
-            elif eqx.is_array(p) and (p.shape, p.dtype) == (e.shape, e.dtype):
+            elif eqx.is_array(p) and (p.shape, _accumulator(p.dtype)) == (e.shape, e.dtype):
                 continue
             new = _describe(m)
             if params is not None and p is None:
@@ -137,6 +146,13 @@ class EMA(Module):
                 _MSG_LEAF.format(method=method, path=path or "the root", new=new, old=_describe(e))
             )
         return m_leaves, m_def
+
+
+def _accumulator(dtype: Any) -> Any:
+    """The dtype the average of leaves of `dtype` is kept in: float32 at least."""
+    dtype = jnp.dtype(canonical_dtype(dtype))
+    narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
+    return jnp.dtype(jnp.float32) if narrow else dtype
 
 
 def _is_none(x: Any) -> bool:
