@@ -338,7 +338,8 @@ class Optimizer(Module):
                 raise ValueError(
                     _MSG_MISSING_GRAD.format(path=_path(model, i), wrt=describe(self.wrt))
                 )
-            if not (eqx.is_inexact_array(g) and g.shape == p.shape):
+            complex_into_real = jnp.iscomplexobj(g) and not jnp.iscomplexobj(p)
+            if not (eqx.is_inexact_array(g) and g.shape == p.shape) or complex_into_real:
                 raise ValueError(
                     _MSG_GRAD_SHAPE.format(
                         path=_path(model, i), grad=_describe(g), param=_describe(p)

@@ -625,7 +625,31 @@ def _ema_apply_other_shape():
     EMA(w_model(2)).apply(w_model(5))
 
 
+def _complex_grads():
+    model = w_model(3)
+    g = jax.tree_util.tree_map(lambda x: x.astype(jnp.complex64), grads(3))
+    sgd(model).update(g, model)
+
+
+def _merge_unlike_collections():
+    Collection(a=Mean()).merge(Collection(b=Mean()))
+
+
 TRAINING_CASES: list[tuple[str, Any, type[BaseException], str, str]] = [
+    (
+        "optimizer-complex-grads",
+        _complex_grads,
+        ValueError,
+        r"Optimizer\.update: grads at \.w is complex64\[3\], but the model's leaf there is float32\[3\]",
+        r"Pass the gradients of the model",
+    ),
+    (
+        "metric-merge-unlike",
+        _merge_unlike_collections,
+        ValueError,
+        r"Collection\.merge: other does not have the structure of self",
+        r"Merge metrics built alike",
+    ),
     # gradients and filters
     (
         "filter-wrong-arity",

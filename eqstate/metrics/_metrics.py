@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike
 
-from .._filters import combine, filter as filter_
+from .._filters import check_same_structure, combine, filter as filter_
 from .._kinds import State
 from .._module import Module
 from .._mutating import mutating
@@ -77,8 +77,14 @@ class Metric(Module):
                 f"{type(self).__name__}.merge: other is a {type(other).__name__}; merge "
                 "metrics of the same class."
             )
-        summed = jtu.tree_map(jnp.add, filter_(self, State), filter_(other, State))
-        return combine(summed, self)
+        mine, theirs = filter_(self, State), filter_(other, State)
+        check_same_structure(
+            (mine, theirs),
+            f"{type(self).__name__}.merge",
+            lambda i: "other" if i else "self",
+            "Merge metrics built alike (the same metrics, names and settings).",
+        )
+        return combine(jtu.tree_map(jnp.add, mine, theirs), self)
 
     def all_reduce(self, axis_name: Hashable) -> Self:
         """Sum the totals across a mapped axis (`pmap`, `shard_map`, `vmap` axis name)."""
