@@ -434,6 +434,11 @@ def jit(
     without waiting for the computation (JAX's asynchronous dispatch): a training loop
     overlaps host and device work, and `jax.block_until_ready` waits when needed.
 
+    Objects a call returned are remembered with their leaves while they live, so passing
+    them back skips flattening them; their lists and dicts are checked for in-place
+    changes. Modules are frozen: changing one's fields behind Equinox's back
+    (`object.__setattr__`) is not seen; build a new one (`eqx.tree_at`) instead.
+
     **Arguments:**
 
     - `fn`: the function (or method, or callable module) to compile. A callable module
