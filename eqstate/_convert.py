@@ -18,6 +18,13 @@ def canonical_dtype(dtype: Any) -> Any:
     return jax.dtypes.canonicalize_dtype(dtype, allow_extended_dtype=True)
 
 
+def is_key_like(x: Any) -> bool:
+    """A typed key, or a raw `uint32` key array (`jax.random.PRNGKey`)."""
+    if isinstance(x, jax.ShapeDtypeStruct) or is_key(x):
+        return True
+    return isinstance(x, (jax.Array, np.ndarray)) and x.dtype == np.uint32 and x.ndim >= 1
+
+
 def is_array_like(x: Any) -> bool:
     """Whether `x` is an array or a Python/NumPy scalar (what a State field converts)."""
     return isinstance(x, (bool, int, float, complex, np.ndarray, np.generic, jax.Array))

@@ -31,7 +31,21 @@ from jax.core import Tracer
 from jax.extend.core import get_opaque_trace_state
 
 
-_ATOMIC = (int, float, complex, bool, str, bytes, type(None), type(...), type, jax.Array)
+# never copied: immutable values, and JAX arrays and tracers (unhashable, but immutable)
+_ATOMIC = (
+    int,
+    float,
+    complex,
+    bool,
+    str,
+    bytes,
+    type(None),
+    type(...),
+    type,
+    np.generic,
+    jax.Array,
+    Tracer,
+)
 _CONTAINERS = (
     (list, "list"),
     (dict, "dict"),
@@ -293,8 +307,18 @@ EAGER = get_opaque_trace_state()
 
 
 def is_mapped(x: Any) -> bool:
-    """Whether `x` carries a `jax.vmap` batch axis (duck-typed on the tracer)."""
-    return isinstance(x, Tracer) and getattr(x, "batch_dim", None) is not None
+    """Whether `x` carries a `jax.vmap` batch axis, also under transformations applied
+    inside the `vmap` (`jax.grad` wraps the batched value in its own tracer).
+
+    Duck-typed on the tracers: JAX has no public test for this.
+    """
+    for _ in range(8):
+        if not isinstance(x, Tracer):
+            return False
+        if getattr(x, "batch_dim", None) is not None:
+            return True
+        x = getattr(x, "primal", None)  # a JVP tracer's primal value
+    return False
 
 
 def per_example(frame: Frame) -> bool:

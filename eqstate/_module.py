@@ -6,11 +6,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
-import numpy as np
 from typing_extensions import dataclass_transform
 
 from ._checks import check_static, fit_tree, is_array
-from ._convert import canonical_dtype, is_key, to_strong
+from ._convert import canonical_dtype, is_key_like, to_strong
 from ._draft import drafts
 from ._filters import Filter, check_same_structure, filter as filter_, merge
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, Rng, State, field, field_kind
@@ -63,7 +62,7 @@ class _ModuleMeta(type(eqx.Module)):
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj = super().__call__(*args, **kwargs)
         for name in _rng_fields(cls):
-            bad = [x for x in jtu.tree_leaves(vars(obj).get(name)) if not _is_key_like(x)]
+            bad = [x for x in jtu.tree_leaves(vars(obj).get(name)) if not is_key_like(x)]
             if bad:
                 value = bad[0]
                 what = (
@@ -88,13 +87,6 @@ def _rng_fields(cls: type) -> tuple[str, ...]:
 
 
 _RNG_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def _is_key_like(x: Any) -> bool:
-    """A typed key, or a raw `uint32` key array (`jax.random.PRNGKey`)."""
-    if isinstance(x, jax.ShapeDtypeStruct) or is_key(x):
-        return True
-    return is_array(x) and x.dtype == np.uint32 and x.ndim >= 1
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -133,6 +125,10 @@ def _checked(obj: "Module", name: str, value: Any) -> Any:
 
 def _no_grad(x: Any) -> Any:
     return jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
+
+
+def _is_trainable(path: tuple, kind: type[Kind], leaf: Any) -> bool:
+    return issubclass(kind, Param) and eqx.is_inexact_array(leaf)
 
 
 class Module(eqx.Module, metaclass=_ModuleMeta):
@@ -185,8 +181,15 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
         return filter_(self, *filters)
 
     def parameters(self) -> "Module":
-        """The `Param` array leaves of this model; every other leaf is `None`."""
-        return filter_(self, Param)
+        """The trainable parameters: the floating (or complex) `Param` arrays of this
+        model; every other leaf is `None`.
+
+        Integer and boolean arrays are left out even where they are `Param`s (an
+        `inference` flag becomes a `bool[]` array under `jax.jit`), so
+        `jax.grad(loss)(model.parameters(), ...)` works. `eqstate.filter(model,
+        eqstate.Param)` gives every `Param` array.
+        """
+        return filter_(self, _is_trainable)
 
     def states(self) -> "Module":
         """The array leaves of every `State` kind; every other leaf is `None`."""

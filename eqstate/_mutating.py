@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import jax.tree_util as jtu
+from jax.core import Tracer
 
 from . import _draft
 from ._checks import check_static, fit_tree
@@ -76,8 +77,10 @@ def mutating(
     A child's mutating method returns `(result, new_child)`; assign it back:
     `x, self.bn = self.bn(x)`. A new child whose state changed but that reaches neither
     the returned model nor the result raises (the update would be lost); see
-    `eqstate.discard`. Calling another mutating method on `self` changes the same copy;
-    if it raises, its changes are undone.
+    `eqstate.discard`. (Under plain `jax.jit`, where `inference` flags are traced and a
+    layer may or may not change its state, this is not checked.) Calling another
+    mutating method on `self` changes the same copy; if it raises, its changes are
+    undone.
 
     Works under `jax.jit`, `eqx.filter_jit`, `jax.vmap`, `jax.grad` and `lax.scan`, as a
     pure function of the module.
@@ -205,9 +208,20 @@ def _track(parent: Frame, callee: Any, new: Any, name: str) -> None:
         ]
     root = parent.pending.pop(id(callee), None)
     parent.owned[id(new)] = new
+    if changed and _traced_flag(old_leaves, p.paths):
+        return  # in inference or not is only known when it runs: maybe nothing changed
     if changed:
         origin, name = (callee, name) if root is None else (root[1], root[3])
         parent.pending[id(new)] = (new, origin, [(q.paths[i], x) for i, x in changed], name)
+
+
+def _traced_flag(leaves: list, paths: tuple) -> bool:
+    """Whether an `inference` flag among `leaves` is traced (plain `jax.jit`, a scan
+    carry): layers then compute both branches and select, so their state may not change."""
+    return any(
+        isinstance(x, Tracer) and path and getattr(path[-1], "name", None) == "inference"
+        for x, path in zip(leaves, paths)
+    )
 
 
 def _same_structure(a: Any, b: Any) -> bool:

@@ -230,3 +230,25 @@ def test_cast_like_keeps_weak_types_with_public_jax_only():
     grads = jax.grad(lambda v: jnp.sum(convert.cast_like(v, weak) ** 2))(jnp.arange(3.0))
     np.testing.assert_array_equal(grads, 2 * np.arange(3.0))
     assert "jax._src" not in Path(convert.__file__).read_text()
+
+
+class Flagged(eqstate.Module):
+    w: jax.Array
+    steps: jax.Array
+    inference: bool = False
+
+
+def test_parameters_are_the_trainable_arrays_also_under_plain_jit():
+    model = Flagged(jnp.ones(2), jnp.zeros((), jnp.int32))
+
+    @jax.jit
+    def step(model, x):  # the Treex page's loss pattern, under plain jax.jit
+        def loss_fn(params):
+            return jnp.sum(model.update(params).w * x)
+
+        return jax.grad(loss_fn)(model.parameters())
+
+    grads = step(model, jnp.arange(2.0))  # `inference` is a bool[] array in here
+    np.testing.assert_array_equal(grads.w, [0.0, 1.0])
+    assert grads.steps is None and grads.inference is None
+    assert eqstate.filter(model, eqstate.Param).steps is model.steps  # every Param array

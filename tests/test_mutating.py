@@ -248,12 +248,14 @@ def test_dropped_child_update_raises(name):
         getattr(Parent(), name)(X)
 
 
-def test_dropped_child_update_raises_under_jit_and_names_rng_fields():
+def test_dropped_child_update_raises_under_filter_jit_and_names_rng_fields():
+    # Under plain jax.jit the `inference` flags are traced, so whether the state changes
+    # is only known when the step runs: a dropped update is then not reported.
     with pytest.raises(
         RuntimeError,
         match=r"`self\.drop\(\.\.\.\)` returned a new Dropout whose state changed \(key\)",
     ):
-        jax.jit(lambda m, x: m.forgets_drop(x))(Parent(), X)
+        eqx.filter_jit(lambda m, x: m.forgets_drop(x))(Parent(), X)
 
 
 def test_kept_or_discarded_updates_do_not_raise():
@@ -748,3 +750,43 @@ def test_a_list_that_keeps_its_length_is_compared_item_by_item():
         match=r"Queue\.items\[1\] has shape \(2,\) but was assigned a value of shape \(3,\)",
     ):
         q.push(jnp.zeros(3))
+
+
+class Frozen(eqstate.Module):
+    backbone: Parent
+
+    @eqstate.mutating
+    def __call__(self, x):
+        feats, _ = self.backbone.forgets(x)  # in inference mode nothing changes
+        return feats
+
+
+def call_frozen(m, x):
+    return m(x)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [lambda f: f, jax.jit, eqx.filter_jit, eqstate.jit],
+    ids=["eager", "jit", "filter_jit", "eqstate.jit"],
+)
+def test_an_unchanged_child_ignored_is_no_dropped_update(wrap):
+    frozen = Frozen(eqstate.eval(Parent()))
+    y, new = wrap(call_frozen)(frozen, X)
+    assert y.shape == X.shape
+    np.testing.assert_array_equal(new.backbone.bn.running_mean, frozen.backbone.bn.running_mean)
+
+
+def test_per_example_dropout_under_grad_is_refused():
+    drop = Dropout(0.5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"Dropout was called per example inside `jax\.vmap`"):
+        jax.vmap(jax.grad(lambda x: jnp.sum(drop(x)[0])))(jnp.ones((4, 3)))
+
+
+def test_per_example_batch_norm_on_square_maps_is_refused():
+    bn = BatchNorm(8)
+    with pytest.raises(
+        ValueError,
+        match=r"got shape \(8, 8, 8\): a single example \(per example inside `jax\.vmap`\)",
+    ):
+        jax.vmap(lambda x: bn(x)[0])(jnp.ones((2, 8, 8, 8)))

@@ -215,7 +215,7 @@ def test_batch_norm_refuses_what_it_cannot_normalise():
     y, _ = eqstate.eval(bn)(jnp.ones((1, 3)))
     # per example inside jax.vmap: say what to do instead
     per_example = (
-        r"got shape \(3,\): a single example\. BatchNorm normalises whole batches, so call it "
+        r"got shape \(3,\): a single example \(per example inside `jax\.vmap`\)\. BatchNorm normalises whole batches, so call it "
         r"on the batch, `y, bn = bn\(x\)` with `x` of shape \(N, 3, \.\.\.\), not per example "
         r"inside `jax\.vmap`"
     )

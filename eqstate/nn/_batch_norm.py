@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._draft import is_mapped
 from .._kinds import BatchStat
 from .._module import Module
 from .._mutating import mutating
@@ -29,7 +30,8 @@ _MSG_INPUT_DTYPE = (
 )
 _MSG_PER_EXAMPLE = (
     "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
-    "got shape {shape}: a single example. BatchNorm normalises whole batches, so call it "
+    "got shape {shape}: a single example (per example inside `jax.vmap`). BatchNorm "
+    "normalises whole batches, so call it "
     "on the batch, `y, bn = bn(x)` with `x` of shape (N, {n}, ...), not per example "
     "inside `jax.vmap` (vmap only the per-example layers: `x = jax.vmap(linear)(x)`)."
 )
@@ -149,10 +151,18 @@ class BatchNorm(Module):
             raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
         axis = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
         n = self.running_mean.shape[0]
-        if x.ndim < 2 or axis is None or axis == 0 or x.shape[axis] != n:
-            msg = _MSG_PER_EXAMPLE if x.ndim < 2 else _MSG_FEATURE_AXIS
-            raise ValueError(msg.format(n=n, axis=self.axis, shape=x.shape))
         flag = self.inference if inference is None else inference
+        # per example under jax.vmap (e.g. a (C, H, W) map), unless the statistics are
+        # averaged across the mapped axis (`axis_name`, e.g. devices simulated by vmap)
+        one_example = x.ndim < 2 or (
+            flag is not True
+            and self.axis_name is None
+            and is_mapped(x)
+            and not is_mapped(self.running_mean)
+        )
+        if one_example or axis is None or axis == 0 or x.shape[axis] != n:
+            msg = _MSG_PER_EXAMPLE if one_example else _MSG_FEATURE_AXIS
+            raise ValueError(msg.format(n=n, axis=self.axis, shape=x.shape))
         if flag is False and self.axis_name is None and x.size == n:
             raise ValueError(_MSG_ONE_VALUE.format(shape=x.shape))
         shape = [1] * x.ndim

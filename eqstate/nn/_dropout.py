@@ -3,12 +3,12 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
-from .._convert import is_key
+from .._convert import is_key_like
+from .._draft import is_mapped
 from .._kinds import Rng
 from .._module import Module
 from .._mutating import mutating
@@ -64,7 +64,7 @@ class Dropout(Module):
             raise TypeError(_MSG_P_TYPE.format(p=p, type=type(p).__name__))
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"Dropout(p=...) must be in [0, 1], got {p}.")
-        if not _is_prng_key(key):
+        if not is_key_like(key):
             raise TypeError(_MSG_KEY.format(got=_describe(key)))
         self.key = key
         self.p = float(p)
@@ -84,7 +84,7 @@ class Dropout(Module):
         flag = self.inference if inference is None else inference
         if self.p == 0.0 or (isinstance(flag, bool) and flag):
             return x
-        if _is_batched(x) and not _is_batched(self.key):
+        if is_mapped(x) and not is_mapped(self.key):
             raise ValueError(_MSG_PER_EXAMPLE)
         old_key = self.key
         if self.p == 1.0:
@@ -99,19 +99,7 @@ class Dropout(Module):
         return jnp.where(flag, x, y)
 
 
-def _is_prng_key(key: Any) -> bool:
-    """A typed key, or a raw `uint32` key (`jax.random.PRNGKey`)."""
-    if is_key(key):
-        return True
-    return isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32 and key.ndim >= 1
-
-
 def _describe(x: Any) -> str:
     if isinstance(x, (jax.Array, np.ndarray)):
         return f"an array {x.dtype}{list(x.shape)}"
     return f"{x!r} ({type(x).__name__})"
-
-
-def _is_batched(x: Any) -> bool:
-    """Whether `x` is mapped by an enclosing `jax.vmap` (a tracer with a batch dimension)."""
-    return isinstance(x, jax.core.Tracer) and getattr(x, "batch_dim", None) is not None
