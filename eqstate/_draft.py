@@ -297,12 +297,6 @@ def frame_of(draft: Any) -> Frame | None:
     return None
 
 
-def same_trace(frame: Frame) -> bool:
-    """Whether JAX is at the trace level where `frame`'s call started (not inside a
-    `vmap`, `scan` or `cond` body that began within it)."""
-    return get_opaque_trace_state() == frame.trace
-
-
 EAGER = get_opaque_trace_state()
 
 
