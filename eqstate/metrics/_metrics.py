@@ -282,4 +282,10 @@ class Collection(Metric):
         return {name: m.compute() for name, m in self.metrics.items()}
 
     def __getitem__(self, name: str) -> Metric:
-        return self.metrics[name]
+        try:
+            return self.metrics[name]
+        except KeyError:
+            names = ", ".join(repr(n) for n in self.metrics) or "none"
+            raise KeyError(
+                f"Collection[{name!r}]: no metric of that name; this collection holds {names}."
+            ) from None
