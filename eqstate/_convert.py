@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 
 def is_key(x: Any) -> bool:
@@ -23,6 +24,17 @@ def is_key_like(x: Any) -> bool:
     if isinstance(x, jax.ShapeDtypeStruct) or is_key(x):
         return True
     return isinstance(x, (jax.Array, np.ndarray)) and x.dtype == np.uint32 and x.ndim >= 1
+
+
+def concrete_flag(flag: Any) -> Any:
+    """An `inference` flag as a Python bool where its value is known (a concrete
+    `bool[]` array, as `jax.jit` or `jax.device_put` return it); a tracer as it is."""
+    concrete = isinstance(flag, (np.ndarray, np.bool_)) or (
+        isinstance(flag, jax.Array) and not isinstance(flag, Tracer)
+    )
+    if concrete and jnp.shape(flag) == () and jnp.result_type(flag) == jnp.bool_:
+        return bool(flag)
+    return flag
 
 
 def is_array_like(x: Any) -> bool:

@@ -247,8 +247,9 @@ class Frame:
         self.original = original
         self.owned = owned  # the modules reachable from the draft, by id
         self.trace = get_opaque_trace_state()
-        # id(new child) -> (new child, the child it came from, changed leaves, method)
-        self.pending: dict[int, tuple[Any, Any, list[tuple[tuple, Any]], str]] = {}
+        # id(new child) -> (new child, the child it came from, [(path, new leaf, old
+        # leaf)] of its changed state, the method called)
+        self.pending: dict[int, tuple[Any, Any, list[tuple[tuple, Any, Any]], str]] = {}
         self.args = args  # the call's `(args, kwargs)`
 
 

@@ -10,11 +10,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+import jax
 import jax.tree_util as jtu
+import numpy as np
 from jax.core import Tracer
 
 from . import _draft
 from ._checks import check_static, fit_tree
+from ._convert import is_key
 from ._draft import Frame, drafts, restore, snapshot, thaw
 from ._kinds import FIXED_SHAPE_KEY, State
 from ._module import Module, _fields
@@ -125,7 +128,7 @@ def mutating(
             _draft.pop(frame)
         parent = _draft.current()
         if parent is not None:
-            _track(parent, self, new, method.__name__)
+            _track(parent, self, new, method.__name__, (args, kwargs))
         return result, new
 
     _advertise_pair_return(wrapper, method)
@@ -181,13 +184,13 @@ def _settle(frame: Frame, method: Callable, result: Any) -> Any:
     return draft
 
 
-def _track(parent: Frame, callee: Any, new: Any, name: str) -> None:
+def _track(parent: Frame, callee: Any, new: Any, name: str, call: Any) -> None:
     """Record, in the enclosing call, a child's new module whose state changed.
 
-    `name` is the child's method. The call may run inside a transformation of the
-    parent's (`jax.checkpoint`, `lax.cond`, an inner jit): its new state is then
-    reachable only through the transformation's outputs, so `_check_dropped` looks
-    for the old child still in place.
+    `name` is the child's method and `call` its `(args, kwargs)`. The call may run
+    inside a transformation of the parent's (`jax.checkpoint`, `lax.cond`, an inner
+    jit): its new state is then reachable only through the transformation's outputs,
+    so `_check_dropped` looks for the old child still in place.
     """
     if parent.owned.get(id(callee)) is not callee:
         return  # not one of the parent's children (e.g. a scan carry rebuilt by JAX)
@@ -208,11 +211,13 @@ def _track(parent: Frame, callee: Any, new: Any, name: str) -> None:
         ]
     root = parent.pending.pop(id(callee), None)
     parent.owned[id(new)] = new
-    if changed and _traced_flag(old_leaves, p.paths):
+    if changed and (_traced_flag(old_leaves, p.paths) or _traced_bool(call)):
         return  # in inference or not is only known when it runs: maybe nothing changed
     if changed:
         origin, name = (callee, name) if root is None else (root[1], root[3])
-        parent.pending[id(new)] = (new, origin, [(q.paths[i], x) for i, x in changed], name)
+        olds = old_leaves if len(old_leaves) == len(new_leaves) else [None] * len(new_leaves)
+        entries = [(q.paths[i], x, olds[i]) for i, x in changed]
+        parent.pending[id(new)] = (new, origin, entries, name)
 
 
 def _traced_flag(leaves: list, paths: tuple) -> bool:
@@ -222,6 +227,26 @@ def _traced_flag(leaves: list, paths: tuple) -> bool:
         isinstance(x, Tracer) and path and getattr(path[-1], "name", None) == "inference"
         for x, path in zip(leaves, paths)
     )
+
+
+def _traced_bool(call: Any) -> bool:
+    """Whether the call got a traced boolean (such as `inference=flag` under jit)."""
+    return any(isinstance(x, Tracer) and x.dtype == bool for x in jtu.tree_leaves(call))
+
+
+def _really_changed(new: Any, old: Any) -> bool:
+    """Whether `new` differs from `old` in value, as far as can be told (a traced
+    value may differ). Layers may rebuild equal arrays: a select between two branches,
+    a private copy of a NumPy leaf."""
+    if old is None or isinstance(new, Tracer) or isinstance(old, Tracer):
+        return True
+    try:
+        if is_key(new) or is_key(old):
+            new, old = jax.random.key_data(new), jax.random.key_data(old)
+        a, b = np.asarray(new), np.asarray(old)
+        return a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b)
+    except Exception:
+        return True
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -235,12 +260,15 @@ def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
     """Raise if a child's update went missing while the old child is still in place."""
     reachable = {id(x) for x in jtu.tree_leaves((frame.draft, result))}
     for new, origin, changed, name in frame.pending.values():
-        if any(id(x) in reachable for _, x in changed):
+        if any(id(x) in reachable for _, x, _ in changed):
             continue
         where = _path_of(frame.draft, origin)
         if where is None:
             continue  # the child was replaced or removed on purpose
-        paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _ in changed[:4])
+        changed = [(p, x, y) for p, x, y in changed if _really_changed(x, y)]
+        if not changed:
+            continue  # rebuilt with the same values: nothing is lost
+        paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _, _ in changed[:4])
         call = where if name == "__call__" else f"{where}.{name}"
         raise RuntimeError(
             _MSG_DROPPED.format(

@@ -790,3 +790,40 @@ def test_per_example_batch_norm_on_square_maps_is_refused():
         match=r"got shape \(8, 8, 8\): a single example \(per example inside `jax\.vmap`\)",
     ):
         jax.vmap(lambda x: bn(x)[0])(jnp.ones((2, 8, 8, 8)))
+
+
+class Head(eqstate.Module):
+    bn: BatchNorm
+
+    @eqstate.mutating
+    def __call__(self, x, inference=None):
+        h, _ = self.bn(x, inference=inference)  # in inference: nothing to keep
+        return h
+
+
+def eval_head():
+    return Head(eqstate.eval(BatchNorm(3)))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: jax.jit(lambda m: m)(eval_head()),  # the flag comes back as an Array(True)
+        lambda: jax.device_put(eval_head()),
+        lambda: eqstate.update(
+            eval_head(), jax.tree_util.tree_map(np.asarray, eval_head().states())
+        ),
+    ],
+    ids=["after-jit", "device_put", "numpy-state"],
+)
+def test_inference_calls_whose_state_is_rebuilt_equal_are_no_dropped_update(model):
+    m = model()
+    y, _ = m(X)
+    y2, _ = eqx.filter_jit(lambda m, x: m(x))(m, X)
+    np.testing.assert_allclose(y, y2, rtol=1e-6)
+    jax.vmap(lambda x: m(x[None])[0])(X)  # per example is fine in inference
+
+
+def test_a_traced_inference_argument_is_no_dropped_update():
+    head = Head(BatchNorm(3))
+    eqx.filter_jit(lambda m, x, flag: m(x, inference=flag))(head, X, jnp.array(True))

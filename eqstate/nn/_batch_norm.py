@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._convert import concrete_flag
 from .._draft import is_mapped
 from .._kinds import BatchStat
 from .._module import Module
@@ -151,7 +152,7 @@ class BatchNorm(Module):
             raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
         axis = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
         n = self.running_mean.shape[0]
-        flag = self.inference if inference is None else inference
+        flag = concrete_flag(self.inference if inference is None else inference)
         # per example under jax.vmap (e.g. a (C, H, W) map), unless the statistics are
         # averaged across the mapped axis (`axis_name`, e.g. devices simulated by vmap)
         one_example = x.ndim < 2 or (

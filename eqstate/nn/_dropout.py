@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
-from .._convert import is_key_like
+from .._convert import concrete_flag, is_key_like
 from .._draft import is_mapped
 from .._kinds import Rng
 from .._module import Module
@@ -81,7 +81,7 @@ class Dropout(Module):
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
-        flag = self.inference if inference is None else inference
+        flag = concrete_flag(self.inference if inference is None else inference)
         if self.p == 0.0 or (isinstance(flag, bool) and flag):
             return x
         if is_mapped(x) and not is_mapped(self.key):
