@@ -83,7 +83,8 @@ def _is_injected(node: Any) -> bool:
 
 def _like(value: Any, old: Any, name: str) -> Any:
     dtype = jnp.result_type(old)
-    if not is_array_like(value):
+    boolean = isinstance(value, bool) or getattr(value, "dtype", None) == jnp.bool_
+    if not is_array_like(value) or (boolean and dtype != jnp.bool_):
         why = "it is not a number"
         raise TypeError(_MSG_HYPERPARAM_VALUE.format(name=name, old=dtype, new=value, why=why))
     if category(value) > category(old):

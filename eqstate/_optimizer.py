@@ -34,6 +34,11 @@ _MSG_MODEL_SHAPE = (
     "shapes and dtypes of that model. Build the optimizer from the model you train: "
     "`opt = eqstate.Optimizer(tx, model)`."
 )
+_MSG_GRADS_ARE_MODEL = (
+    "Optimizer.update: `grads` is the model itself. Pass the gradients of the model first: "
+    "`(loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, ...)`, "
+    "then `model, opt = opt.update(grads, model)`."
+)
 _MSG_MODEL_STRUCTURE = (
     "Optimizer.update: the model has {new} leaves (counting `None`), but this optimizer "
     "was built for a model with {old}. Build the optimizer from the model you train: "
@@ -308,6 +313,8 @@ def _check_arguments(grads: Any, model: Any) -> None:
         raise TypeError(_MSG_NO_MODEL)
     if isinstance(model, Optimizer):
         raise TypeError(_MSG_MODEL_IS_OPTIMIZER)
+    if grads is model:
+        raise TypeError(_MSG_GRADS_ARE_MODEL)
 
 
 def _is_none(x: Any) -> bool:
