@@ -15,7 +15,11 @@ from ._kinds import (
 )
 from ._mode import eval as eval, train as train
 from ._module import Module as Module, update as update
-from ._mutating import discard as discard, mutating as mutating
+from ._mutating import (
+    DroppedUpdateWarning as DroppedUpdateWarning,
+    discard as discard,
+    mutating as mutating,
+)
 from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
 from ._rng import next_key as next_key

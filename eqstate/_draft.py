@@ -248,8 +248,9 @@ class Frame:
         self.owned = owned  # the modules reachable from the draft, by id
         self.trace = get_opaque_trace_state()
         # id(new child) -> (new child, the child it came from, [(path, new leaf, old
-        # leaf)] of its changed state, the method called)
-        self.pending: dict[int, tuple[Any, Any, list[tuple[tuple, Any, Any]], str]] = {}
+        # leaf)] of its changed state, the method called, whether the change is only
+        # possible: decided when the step runs)
+        self.pending: dict[int, tuple[Any, Any, list[tuple[tuple, Any, Any]], str, bool]] = {}
         self.args = args  # the call's `(args, kwargs)`
 
 

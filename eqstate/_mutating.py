@@ -7,6 +7,7 @@ raises, the checks made when a method returns, and the tracking of children's up
 
 import functools as ft
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -29,13 +30,27 @@ _R = TypeVar("_R")
 _M = TypeVar("_M", bound=Module)
 
 _MSG_DROPPED = (
-    "{cls}.{method} dropped an update: `{call}(...)` returned a new {child} whose "
+    "{cls}.{method} {dropped} an update: `{call}(...)` returned a new {child} whose "
     "state changed ({changed}), but the returned model still holds the old {child} and "
     "the new one is not in the result either, so the change would be lost. Assign it "
     "back, e.g. "
     "`y, {callee} = {call}(x)`. To discard it on purpose, call the layer in inference "
     "mode or pass the new module to `eqstate.discard(...)`."
 )
+
+
+_MAYBE = (
+    " (Its `inference` flag is traced, as under plain `jax.jit`, so whether its state "
+    "changes is known only when the step runs: if it is in inference mode, nothing is "
+    "lost. `eqx.filter_jit` and `eqstate.jit` keep the flag static and tell for sure.)"
+)
+
+
+class DroppedUpdateWarning(UserWarning):
+    """A child's new state may have been dropped inside a `@eqstate.mutating` method:
+    the child's `inference` flag is traced (plain `jax.jit`), so whether its state
+    changed is known only when the step runs. Where it certainly changed, the call
+    raises instead."""
 
 
 def discard(*models: Any) -> None:
@@ -81,9 +96,9 @@ def mutating(
     `x, self.bn = self.bn(x)`. A new child whose state changed but that reaches neither
     the returned model nor the result raises (the update would be lost); see
     `eqstate.discard`. (Under plain `jax.jit`, where `inference` flags are traced and a
-    layer may or may not change its state, this is not checked.) Calling another
-    mutating method on `self` changes the same copy; if it raises, its changes are
-    undone.
+    layer may or may not change its state, it warns instead: `DroppedUpdateWarning`.)
+    Calling another mutating method on `self` changes the same copy; if it raises, its
+    changes are undone.
 
     Works under `jax.jit`, `eqx.filter_jit`, `jax.vmap`, `jax.grad` and `lax.scan`, as a
     pure function of the module.
@@ -211,13 +226,14 @@ def _track(parent: Frame, callee: Any, new: Any, name: str, call: Any) -> None:
         ]
     root = parent.pending.pop(id(callee), None)
     parent.owned[id(new)] = new
-    if changed and (_traced_flag(old_leaves, p.paths) or _traced_bool(call)):
-        return  # in inference or not is only known when it runs: maybe nothing changed
     if changed:
+        # with a traced `inference` flag, whether the state changes is known only when
+        # the step runs: a drop is then only possible, and warned about
+        maybe = _traced_flag(old_leaves, p.paths) or _traced_bool(call)
         origin, name = (callee, name) if root is None else (root[1], root[3])
         olds = old_leaves if len(old_leaves) == len(new_leaves) else [None] * len(new_leaves)
         entries = [(q.paths[i], x, olds[i]) for i, x in changed]
-        parent.pending[id(new)] = (new, origin, entries, name)
+        parent.pending[id(new)] = (new, origin, entries, name, maybe)
 
 
 def _traced_flag(leaves: list, paths: tuple) -> bool:
@@ -259,7 +275,7 @@ def _same_structure(a: Any, b: Any) -> bool:
 def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
     """Raise if a child's update went missing while the old child is still in place."""
     reachable = {id(x) for x in jtu.tree_leaves((frame.draft, result))}
-    for new, origin, changed, name in frame.pending.values():
+    for new, origin, changed, name, maybe in frame.pending.values():
         if any(id(x) in reachable for _, x, _ in changed):
             continue
         where = _path_of(frame.draft, origin)
@@ -270,16 +286,18 @@ def _check_dropped(frame: Frame, method: Callable, result: Any) -> None:
             continue  # rebuilt with the same values: nothing is lost
         paths = ", ".join(jtu.keystr(p).lstrip(".") for p, _, _ in changed[:4])
         call = where if name == "__call__" else f"{where}.{name}"
-        raise RuntimeError(
-            _MSG_DROPPED.format(
-                cls=type(frame.original).__name__,
-                method=method.__name__,
-                call=call,
-                callee=where,
-                child=type(new).__name__,
-                changed=paths + (", ..." if len(changed) > 4 else ""),
-            )
+        message = _MSG_DROPPED.format(
+            dropped="may have dropped" if maybe else "dropped",
+            cls=type(frame.original).__name__,
+            method=method.__name__,
+            call=call,
+            callee=where,
+            child=type(new).__name__,
+            changed=paths + (", ..." if len(changed) > 4 else ""),
         )
+        if not maybe:
+            raise RuntimeError(message)
+        warnings.warn(message + _MAYBE, DroppedUpdateWarning, stacklevel=4)
 
 
 def _path_of(root: Any, target: Any) -> str | None:
