@@ -236,8 +236,14 @@ def spec(tree: Any, *filters: Filter) -> Any:
     return p.treedef.unflatten([i < len(filters) for i in which])
 
 
-def _is_none(x: Any) -> bool:
+def is_none(x: Any) -> bool:
     return x is None
+
+
+def leaf_path(tree: Any, index: int) -> tuple:
+    """The key path of leaf `index` of `tree`, `None` counted as a leaf (as in
+    `check_same_structure`'s flattening)."""
+    return jtu.tree_flatten_with_path(tree, is_leaf=is_none)[0][index][0]
 
 
 def first_mismatch(
@@ -282,7 +288,7 @@ def check_same_structure(
     trees: tuple, where: str, names: Callable[[int], str], hint: str = _HINT_SAME_MODEL
 ) -> list:
     """Flatten `trees` with `None` as a leaf; raise naming the first mismatch if needed."""
-    flat = [jtu.tree_flatten(t, is_leaf=_is_none) for t in trees]
+    flat = [jtu.tree_flatten(t, is_leaf=is_none) for t in trees]
     treedef = flat[0][1]
     for i, (_, d) in enumerate(flat[1:], 1):
         if d != treedef:

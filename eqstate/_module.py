@@ -11,7 +11,7 @@ from typing_extensions import dataclass_transform
 from ._checks import check_static, fit_tree, is_array
 from ._convert import canonical_dtype, is_key_like, to_strong
 from ._draft import drafts
-from ._filters import Filter, check_same_structure, filter as filter_, merge
+from ._filters import Filter, check_same_structure, filter as filter_, leaf_path, merge
 from ._kinds import FIXED_SHAPE_KEY, Kind, Param, Rng, State, field, field_kind
 
 
@@ -260,9 +260,11 @@ def _update(model: _T, trees: tuple, where: str) -> _T:
                 continue
             shape, dtype = getattr(new, "shape", None), getattr(new, "dtype", None)
             same_dtype = dtype is not None and canonical_dtype(dtype) == canonical_dtype(old.dtype)
-            if same_dtype and (shape == old.shape or not _fixed_at(model, j)):
+            if same_dtype and shape == old.shape:
                 continue
-            path = jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][j][0]
+            path = leaf_path(model, j)
+            if same_dtype and not _fixed_at(model, path):
+                continue
             desc = f"an array {dtype}{list(shape)}" if shape is not None else repr(new)
             raise ValueError(
                 _MSG_UPDATE_LEAF.format(
@@ -276,13 +278,8 @@ def _update(model: _T, trees: tuple, where: str) -> _T:
     return merge([*flat[1:], flat[0]])  # the trees' leaves win over the model's
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _fixed_at(model: Any, index: int) -> bool:
-    """Whether the leaf at `index` (`None` counted as a leaf) keeps a fixed shape."""
-    path = jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][index][0]
+def _fixed_at(model: Any, path: tuple) -> bool:
+    """Whether the leaf of `model` at key path `path` keeps a fixed shape."""
     node, fixed = model, True
     for key in path:
         if isinstance(key, jtu.GetAttrKey):

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import optax
 
 from ._convert import canonical_dtype
-from ._filters import Filter, check_same_structure, describe
+from ._filters import Filter, check_same_structure, describe, is_none, leaf_path
 from ._grad import split_differentiable
 from ._hyperparams import read_only, set_hyperparams
 from ._kinds import OptState, Param
@@ -164,7 +164,7 @@ class Optimizer(Module):
         self.shapes = _Shapes(
             tuple(
                 None if p is None else (tuple(p.shape), canonical_dtype(p.dtype))
-                for p in jtu.tree_leaves(params, is_leaf=_is_none)
+                for p in jtu.tree_leaves(params, is_leaf=is_none)
             )
         )
         self.step = jnp.zeros((), jnp.int32)
@@ -248,7 +248,7 @@ class Optimizer(Module):
             )
         self.opt_leaves = tuple(leaves)
         self.step += 1
-        new_params = jtu.tree_leaves(optax.apply_updates(params, updates), is_leaf=_is_none)
+        new_params = jtu.tree_leaves(optax.apply_updates(params, updates), is_leaf=is_none)
         return m_def.unflatten([m if p is None else p for m, p in zip(m_leaves, new_params)])
 
     def _params_and_grads(self, grads: Any, model: Any) -> tuple[Any, Any, list, Any]:
@@ -266,7 +266,7 @@ class Optimizer(Module):
                 what = _describe(g) if eqx.is_array(g) else repr(g)
                 raise ValueError(_MSG_SWAPPED.format(path=_path(model, i), what=what))
         params, _ = split_differentiable(model, self.wrt, "Optimizer.update", "optimise")
-        p_leaves = jtu.tree_leaves(params, is_leaf=_is_none)
+        p_leaves = jtu.tree_leaves(params, is_leaf=is_none)
         entries = self.shapes.entries
         if len(entries) != len(p_leaves):
             raise ValueError(_MSG_MODEL_STRUCTURE.format(new=len(p_leaves), old=len(entries)))
@@ -317,14 +317,9 @@ def _check_arguments(grads: Any, model: Any) -> None:
         raise TypeError(_MSG_GRADS_ARE_MODEL)
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
 def _path(tree: Any, index: int) -> str:
     """The key path of leaf `index` of `tree`, `None` counted as a leaf."""
-    path = jtu.tree_flatten_with_path(tree, is_leaf=_is_none)[0][index][0]
-    return jtu.keystr(path) or "the root"
+    return jtu.keystr(leaf_path(tree, index)) or "the root"
 
 
 def _describe(x: Any) -> str:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._convert import canonical_dtype
-from .._filters import Filter, check_same_structure, describe
+from .._filters import Filter, check_same_structure, describe, is_none, leaf_path
 from .._grad import split_differentiable
 from .._kinds import Param, State
 from .._module import Module
@@ -112,7 +112,7 @@ class EMA(Module):
         of the same shapes and dtypes where the average has leaves.
         """
         m_leaves, m_def = self._check(model, None, "apply")
-        e_leaves = jtu.tree_leaves(self.params, is_leaf=_is_none)
+        e_leaves = jtu.tree_leaves(self.params, is_leaf=is_none)
         return m_def.unflatten(
             [
                 m if e is None else e.astype(canonical_dtype(m.dtype))
@@ -131,7 +131,7 @@ class EMA(Module):
             lambda i: "the average" if i else "the model",
             "Pass a model of the structure of the one the EMA was built from.",
         )
-        p_leaves = m_leaves if params is None else jtu.tree_leaves(params, is_leaf=_is_none)
+        p_leaves = m_leaves if params is None else jtu.tree_leaves(params, is_leaf=is_none)
         for i, (m, p, e) in enumerate(zip(m_leaves, p_leaves, e_leaves)):
             if e is None:
                 if params is None or p is None:
@@ -141,7 +141,7 @@ class EMA(Module):
             new = _describe(m)
             if params is not None and p is None:
                 new += f", not a leaf that wrt={describe(self.wrt)} selects"
-            path = jtu.keystr(jtu.tree_flatten_with_path(model, is_leaf=_is_none)[0][i][0])
+            path = jtu.keystr(leaf_path(model, i))
             raise ValueError(
                 _MSG_LEAF.format(method=method, path=path or "the root", new=new, old=_describe(e))
             )
@@ -153,10 +153,6 @@ def _accumulator(dtype: Any) -> Any:
     dtype = jnp.dtype(canonical_dtype(dtype))
     narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4
     return jnp.dtype(jnp.float32) if narrow else dtype
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
 
 
 def _describe(x: Any) -> str:
