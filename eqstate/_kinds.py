@@ -6,7 +6,7 @@ from typing import Any
 
 import equinox as eqx
 
-from ._convert import is_key, to_strong
+from ._convert import is_key_like, to_strong
 
 
 KIND_KEY = "eqstate.kind"
@@ -135,11 +135,7 @@ def field(
     """
     kind = _check_kind(kind)
     given = default is not dataclasses.MISSING and default is not None
-    if (
-        given
-        and issubclass(kind, Rng)
-        and not (is_key(default) or getattr(default, "dtype", None) == "uint32")
-    ):
+    if given and issubclass(kind, Rng) and not is_key_like(default):
         raise TypeError(_MSG_RNG_DEFAULT.format(kind=kind.__name__, default=default))
     metadata = dict(kwargs.pop("metadata", None) or {})
     metadata[KIND_KEY] = kind

@@ -6,8 +6,7 @@ from typing import Any
 import jax
 
 from ._draft import drafts, frame_of, per_example
-from ._kinds import Rng, field_kind
-from ._module import Module, _fields
+from ._module import Module, _rng_fields
 
 
 _MSG_NOT_DRAFT = (
@@ -30,7 +29,7 @@ _MSG_PER_EXAMPLE = (
 
 
 def _rng_field(cls: type) -> str:
-    names = [n for n, f in _fields(cls).items() if issubclass(field_kind(f) or object, Rng)]
+    names = _rng_fields(cls)
     if len(names) != 1:
         found = "no Rng field" if not names else "several: " + ", ".join(names)
         raise ValueError(_MSG_WHICH.format(cls=cls.__name__, found=found, example="key"))
