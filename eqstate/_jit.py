@@ -20,7 +20,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, overload
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
 import jax
 import jax.tree_util as jtu
@@ -31,6 +31,10 @@ from ._tokens import ARRAY_TOKEN, DYN, KWARGS, Memo, Parts, is_array, key_static
 
 
 _Donate = Literal["all", "all-except-first", "none"]
+_P = ParamSpec("_P")
+_Q = ParamSpec("_Q")
+_R = TypeVar("_R")
+_S = TypeVar("_S")
 
 _MAX_ENTRIES = 128  # compiled cache keys kept per `Jit`; the least recently used go first
 _WARN_TRACES = 8  # without `max_traces`, warn once when a `Jit` traces more often
@@ -80,8 +84,10 @@ def _unset(*args: Any) -> Any:
     raise AssertionError("jitted function used before it was built")
 
 
-class Jit:
-    """A function compiled with `eqstate.jit`. Call it like the function it wraps.
+class Jit(Generic[_P, _R]):
+    """A function compiled with `eqstate.jit`. Call it like the function it wraps: to a
+    type checker, `Jit[P, R]` takes the parameters `P` and returns the `R` of that
+    function.
 
     **Attributes:**
 
@@ -92,7 +98,7 @@ class Jit:
 
     def __init__(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[_P, _R],
         donate: _Donate,
         max_traces: int | None,
     ):
@@ -128,6 +134,14 @@ class Jit:
         self._fn_is_tree = not jtu.treedef_is_leaf(self._fn_def)
         self._fn_leaves = tuple(fn_leaves) if self._fn_is_tree else ()
 
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> "Jit[_P, _R]": ...
+
+    @overload
+    def __get__(
+        self: "Jit[Concatenate[_S, _Q], _R]", instance: _S, owner: type | None = None
+    ) -> Callable[_Q, _R]: ...
+
     def __get__(self, instance: Any, owner: Any = None) -> Any:
         # A method binds its instance (passed first, so `donate="all-except-first"`
         # keeps it); a callable module or partial stored on a class binds nothing,
@@ -136,9 +150,9 @@ class Jit:
             return self
         return ft.partial(self, instance)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs:
-            args, kwargs = self._bind(args, kwargs)
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if kwargs:  # the same call, split anew: no longer `_P`'s split (hence the ignore)
+            args, kwargs = self._bind(args, kwargs)  # pyright: ignore[reportAssignmentType]
         memo, parts = self._memo, self._parts
         leaves = [*self._fn_leaves]
         toks = []
@@ -407,22 +421,22 @@ def _unflatten(full: list, defs: list, sizes: list[int], k_def: Any) -> tuple[tu
 
 @overload
 def jit(
-    fn: Callable[..., Any], *, donate: _Donate = "none", max_traces: int | None = None
-) -> Jit: ...
+    fn: Callable[_P, _R], *, donate: _Donate = "none", max_traces: int | None = None
+) -> Jit[_P, _R]: ...
 
 
 @overload
 def jit(
     fn: None = None, *, donate: _Donate = "none", max_traces: int | None = None
-) -> Callable[[Callable[..., Any]], Jit]: ...
+) -> Callable[[Callable[_P, _R]], Jit[_P, _R]]: ...
 
 
 def jit(
-    fn: Callable[..., Any] | None = None,
+    fn: Callable[_P, _R] | None = None,
     *,
     donate: _Donate = "none",
     max_traces: int | None = None,
-) -> Jit | Callable[[Callable[..., Any]], Jit]:
+) -> Jit[_P, _R] | Callable[[Callable[_P, _R]], Jit[_P, _R]]:
     """Compile `fn` with `eqx.filter_jit`'s semantics and `jax.jit`'s per-call cost.
 
     Array leaves of the arguments (JAX and NumPy arrays) are traced; every other leaf is
