@@ -4,7 +4,7 @@ import contextlib
 import inspect
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 import equinox as eqx
 import jax.tree_util as jtu
@@ -28,6 +28,8 @@ Filter: TypeAlias = (
 )
 """A kind class, `...`, a callable `(path, kind, leaf) -> bool` or `leaf -> bool`, or a
 tuple of these."""
+
+_T = TypeVar("_T")
 
 _MSG_BAD_FILTER = (
     "{where}: {filter!r} is not a filter. A filter is a subclass of eqstate.Kind (such "
@@ -164,7 +166,7 @@ def select(tree: Any, f: Filter, name: str) -> tuple[list, PyTreeDef, list[bool]
     return leaves, p.treedef, [i == 0 for i in which]
 
 
-def filter(tree: Any, *filters: Filter) -> Any:
+def filter(tree: _T, *filters: Filter) -> _T:
     """Keep the leaves of `tree` that match any of `filters`; replace the rest by `None`.
 
     **Arguments:**
@@ -191,7 +193,27 @@ def filter(tree: Any, *filters: Filter) -> Any:
     return p.treedef.unflatten([x if i < n else None for x, i in zip(leaves, which)])
 
 
-def partition(tree: Any, *filters: Filter) -> tuple[Any, ...]:
+# One overload per common number of filters, so that unpacking the wrong number of
+# trees is a type error.
+@overload
+def partition(tree: _T, filter: Filter, /) -> tuple[_T, _T]: ...
+
+
+@overload
+def partition(tree: _T, filter1: Filter, filter2: Filter, /) -> tuple[_T, _T, _T]: ...
+
+
+@overload
+def partition(
+    tree: _T, filter1: Filter, filter2: Filter, filter3: Filter, /
+) -> tuple[_T, _T, _T, _T]: ...
+
+
+@overload
+def partition(tree: _T, *filters: Filter) -> tuple[_T, ...]: ...
+
+
+def partition(tree: _T, *filters: Filter) -> tuple[_T, ...]:
     """Split a pytree into one tree per filter, plus one tree for everything left.
 
     **Arguments:**
@@ -220,7 +242,7 @@ def partition(tree: Any, *filters: Filter) -> tuple[Any, ...]:
     )
 
 
-def spec(tree: Any, *filters: Filter) -> Any:
+def spec(tree: _T, *filters: Filter) -> _T:
     """A `bool` pytree, `True` where a leaf matches any of `filters`.
 
     Usable as the `filter_spec` of `eqx.partition` / `eqx.filter`.
@@ -300,7 +322,7 @@ def check_same_structure(
     return flat
 
 
-def combine(*trees: Any) -> Any:
+def combine(*trees: _T) -> _T:
     """Inverse of `eqstate.partition`: merge trees of the same structure.
 
     Each leaf is taken from the first tree where it is not `None`.

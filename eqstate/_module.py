@@ -1,7 +1,7 @@
 """`eqstate.Module`, its metaclass, and putting trees back into a model (`update`)."""
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 import equinox as eqx
 import jax
@@ -59,19 +59,22 @@ class _ModuleMeta(type(eqx.Module)):
                 raise TypeError(_MSG_SHADOWS.format(cls=name, name=f.name))
         return cls
 
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        obj = super().__call__(*args, **kwargs)
-        for name in _rng_fields(cls):
-            bad = [x for x in jtu.tree_leaves(vars(obj).get(name)) if not is_key_like(x)]
-            if bad:
-                value = bad[0]
-                what = (
-                    f"an array of dtype {value.dtype}"
-                    if is_array(value)
-                    else f"{value!r} of type {type(value).__name__}"
-                )
-                raise TypeError(_MSG_RNG.format(cls=cls.__name__, name=name, value=what))
-        return obj
+    if not TYPE_CHECKING:  # hidden, so that type checkers check `Model(...)` against the
+        # dataclass `__init__` and give a `Model`, not this `__call__`'s `Any`
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            obj = super().__call__(*args, **kwargs)
+            for name in _rng_fields(cls):
+                bad = [x for x in jtu.tree_leaves(vars(obj).get(name)) if not is_key_like(x)]
+                if bad:
+                    value = bad[0]
+                    what = (
+                        f"an array of dtype {value.dtype}"
+                        if is_array(value)
+                        else f"{value!r} of type {type(value).__name__}"
+                    )
+                    raise TypeError(_MSG_RNG.format(cls=cls.__name__, name=name, value=what))
+            return obj
 
 
 def _rng_fields(cls: type) -> tuple[str, ...]:
@@ -176,11 +179,11 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
                     msg = _MSG_FROZEN.format(name=name, cls=cls.__name__)
                 raise dataclasses.FrozenInstanceError(msg) from None
 
-    def filter(self, *filters: Filter) -> "Module":
+    def filter(self, *filters: Filter) -> Self:
         """`eqstate.filter(self, *filters)`: this model with non-matching leaves `None`."""
         return filter_(self, *filters)
 
-    def parameters(self) -> "Module":
+    def parameters(self) -> Self:
         """The trainable parameters: the floating (or complex) `Param` arrays of this
         model; every other leaf is `None`.
 
@@ -191,7 +194,7 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
         """
         return filter_(self, _is_trainable)
 
-    def states(self) -> "Module":
+    def states(self) -> Self:
         """The array leaves of every `State` kind; every other leaf is `None`."""
         return filter_(self, State)
 
