@@ -1,8 +1,9 @@
 """Kinds: plain classes that tag dataclass fields, and the field specifiers that set them."""
 
+import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import equinox as eqx
 
@@ -12,8 +13,16 @@ from ._convert import is_key_like, to_strong
 KIND_KEY = "eqstate.kind"
 FIXED_SHAPE_KEY = "eqstate.fixed_shape"
 
+if TYPE_CHECKING:
+    # To type checkers a kind is an abstract class (its `__init__` is abstract), so that
+    # `eqstate.State()` is reported (pyright: reportAbstractUsage). At run time kinds are
+    # plain classes: filters call `issubclass` on them per leaf, at `type`'s speed.
+    _KindMeta = abc.ABCMeta
+else:
+    _KindMeta = type
 
-class Kind:
+
+class Kind(metaclass=_KindMeta):
     """Base class of every field kind.
 
     A kind is a plain class: it is never instantiated. Subclass it (or one of the
@@ -30,6 +39,7 @@ class Kind:
         ```
     """
 
+    @abc.abstractmethod
     def __init__(self) -> None:
         raise TypeError(
             f"{type(self).__name__} is a kind, used as a class: declare fields with "
