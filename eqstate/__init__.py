@@ -23,6 +23,7 @@ from ._mutating import (
 from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
 from ._rng import next_key as next_key
+from ._vmap import vmap as vmap
 
 
 __version__ = "0.1.0"

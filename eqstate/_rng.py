@@ -7,6 +7,7 @@ import jax
 
 from ._draft import drafts, frame_of, per_example
 from ._module import Module, _rng_fields
+from ._vmap import bound_axes
 
 
 _MSG_NOT_DRAFT = (
@@ -22,9 +23,10 @@ _MSG_WHICH = (
 _MSG_PER_EXAMPLE = (
     "eqstate.next_key({cls}) was called per example (under jax.vmap, with the {cls} "
     "itself not mapped) without `axis_name`: every example would draw the same random "
-    "numbers, and jax.vmap would give the returned model's key a batch axis. Call the "
-    "model on the whole batch instead, `y, model = model(x)` (eqstate's layers take "
-    "batched input), or pass the vmapped axis: `eqstate.next_key(self, axis_name=...)`."
+    "numbers, and jax.vmap would give the returned model's key a batch axis. Map the "
+    "model with `eqstate.vmap(model)(xs)` (keys are then folded with the example's "
+    "index), pass the vmapped axis, `eqstate.next_key(self, axis_name=...)`, or call "
+    "the model on the whole batch."
 )
 
 
@@ -52,7 +54,8 @@ def next_key(
         `Rng` field.
     - `axis_name`: a mapped axis name (or several) of `vmap`, `pmap` or `shard_map`. The
         subkey is folded with the index along each, giving a different stream per
-        example or device while the stored key stays in step everywhere.
+        example or device while the stored key stays in step everywhere. Called per
+        example inside `eqstate.vmap`, the mapped axes are used without it.
 
     Typed keys (`jax.random.key`) and raw `uint32` keys (`jax.random.PRNGKey`) both work;
     the subkey is of the same kind as the stored key.
@@ -76,11 +79,18 @@ def next_key(
     key: Any = getattr(module, name)
     new_key, subkey = jax.random.split(key)
     setattr(module, name, new_key)
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     if axis_name is None:
         frame = frame_of(module)
-        if frame is not None and per_example(frame):
+        names = bound_axes() if frame is not None and per_example(frame) else ()
+        if frame is not None and per_example(frame) and not names:
             raise ValueError(_MSG_PER_EXAMPLE.format(cls=cls.__name__))
-    for n in names if axis_name is not None else ():
-        subkey = jax.random.fold_in(subkey, jax.lax.axis_index(n))
-    return subkey
+    else:
+        names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return fold_axes(subkey, names)
+
+
+def fold_axes(key: jax.Array, names: tuple[Hashable, ...]) -> jax.Array:
+    """`key` folded with the index along each mapped axis in `names`, in order."""
+    for n in names:
+        key = jax.random.fold_in(key, jax.lax.axis_index(n))
+    return key

@@ -793,9 +793,12 @@ def test_per_example_batch_norm_on_square_maps_is_refused():
     bn = BatchNorm(8)
     with pytest.raises(
         ValueError,
-        match=r"got shape \(8, 8, 8\): a single example \(per example inside `jax\.vmap`\)",
+        match=r"BatchNorm was called per example .* no mapped axis",
     ):
         jax.vmap(lambda x: bn(x)[0])(jnp.ones((2, 8, 8, 8)))
+    # named, the square map is one example (features first), as in Equinox
+    per_example = eqstate.vmap(lambda x: bn(x)[0])(jnp.ones((2, 8, 8, 8)))
+    assert per_example.shape == (2, 8, 8, 8)
 
 
 class Head(eqstate.Module):
@@ -831,7 +834,7 @@ def test_inference_calls_whose_state_is_rebuilt_equal_are_no_dropped_update(mode
     traced = isinstance(m.bn.inference, jax.Array)  # an array flag is traced by filter_jit
     assert [type(w.message) for w in caught] == ([eqstate.DroppedUpdateWarning] if traced else [])
     np.testing.assert_allclose(y, y2, rtol=1e-6)
-    jax.vmap(lambda x: m(x[None])[0])(X)  # per example is fine in inference
+    jax.vmap(lambda x: m(x)[0])(X)  # per example is fine in inference
 
 
 def test_a_traced_inference_argument_is_only_a_possible_drop():

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -64,16 +68,47 @@ def test_batch_norm_defaults_and_options():
     np.testing.assert_allclose(y_inf, x / np.sqrt(1 + 1e-5), rtol=1e-5)
 
 
-def test_batch_norm_cross_device_statistics():
+def test_batch_norm_per_example_under_named_vmap_matches_the_batch():
+    # Equinox's convention: under jax.vmap with the layer unmapped, a call is per example
     x = batches((8, 4))[0]
     whole_y, whole = BatchNorm(4)(x)
-    per_dev = jax.vmap(
+    per_example = jax.vmap(
         lambda bn, xs: bn(xs), in_axes=(None, 0), out_axes=(0, None), axis_name="dev"
     )
-    y, bn = per_dev(BatchNorm(4, axis_name="dev"), x.reshape(2, 4, 4))
-    np.testing.assert_allclose(y.reshape(8, 4), whole_y, rtol=1e-5, atol=1e-5)
+    y, bn = per_example(BatchNorm(4, axis_name="dev"), x)
+    np.testing.assert_allclose(y, whole_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bn.running_mean, whole.running_mean, rtol=1e-5)
     np.testing.assert_allclose(bn.running_var, whole.running_var, rtol=1e-5)
+
+
+_CROSS_DEVICE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from eqstate.nn import BatchNorm
+
+x = jax.random.normal(jax.random.key(0), (8, 4)) * 3 + 1
+whole_y, whole = BatchNorm(4)(x)
+mesh = jax.make_mesh((2,), ("dev",))
+step = jax.jit(jax.shard_map(
+    lambda bn, xs: bn(xs), mesh=mesh, in_specs=(P(), P("dev")), out_specs=(P("dev"), P()))
+)
+y, bn = step(BatchNorm(4, axis_name="dev"), jax.device_put(x, jax.NamedSharding(mesh, P("dev"))))
+np.testing.assert_allclose(y, whole_y, rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(bn.running_var, whole.running_var, rtol=1e-5)
+# the same model trains on one device when the call unbinds the axis
+y1, bn1 = bn(x, axis_name=None)
+np.testing.assert_allclose(bn1.running_mean, 0.99 * bn.running_mean + 0.01 * x.mean(0), rtol=1e-5)
+print("ok")
+"""
+
+
+def test_batch_norm_cross_device_statistics():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _CROSS_DEVICE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def test_batch_norm_errors():
@@ -213,14 +248,15 @@ def test_batch_norm_refuses_what_it_cannot_normalise():
     y, _ = bn(jnp.ones((1, 3)), inference=True)
     assert y.shape == (1, 3)
     y, _ = eqstate.eval(bn)(jnp.ones((1, 3)))
-    # per example inside jax.vmap: say what to do instead
+    # per example inside jax.vmap with no axis to reduce over: say what to do instead
     per_example = (
-        r"got shape \(3,\): a single example \(per example inside `jax\.vmap`\)\. BatchNorm normalises whole batches, so call it "
-        r"on the batch, `y, bn = bn\(x\)` with `x` of shape \(N, 3, \.\.\.\), not per example "
-        r"inside `jax\.vmap`"
+        r"BatchNorm was called per example .* no mapped axis to take its batch statistics "
+        r"over\. Map the model with `eqstate\.vmap\(model\)\(xs\)`.*`bn\(x, axis_name='batch'\)`"
     )
     with pytest.raises(ValueError, match=per_example):
         jax.vmap(lambda x: bn(x)[0])(jnp.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"a single example\. Call it on the whole batch"):
+        bn(jnp.ones(3))
     with pytest.raises(ValueError, match=r"got shape \(4, 5\)\. Set `axis=` to the feature axis"):
         bn(jnp.ones((4, 5)))
 
@@ -297,14 +333,14 @@ def test_dropout_refuses_what_it_cannot_drop():
         Dropout(jnp.asarray(0.5), key=jax.random.key(0))
 
 
-def test_dropout_per_example_under_vmap_is_an_error():
+def test_dropout_per_example_without_an_axis_is_an_error():
     d = Dropout(0.5, key=jax.random.key(0))
     xs = jnp.ones((8, 16))
     with pytest.raises(
         ValueError,
-        match=r"Dropout was called per example inside `jax\.vmap` with one key for the whole "
-        r"batch, so every example would get the same mask\. Call it on the batch, "
-        r"`y, model = model\(x\)`",
+        match=r"Dropout was called per example inside `jax\.vmap` .* no mapped axis to fold "
+        r"its key over, so every example would get the same mask\. Map the model with "
+        r"`eqstate\.vmap\(model\)\(xs\)`",
     ):
         jax.vmap(lambda x: d(x)[0])(xs)
     with pytest.raises(ValueError, match="same mask"):  # under jit and grad too

@@ -1,17 +1,17 @@
-from collections.abc import Hashable, Sequence
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from .._convert import concrete_flag
 from .._draft import is_mapped
 from .._kinds import BatchStat
 from .._module import Module
 from .._mutating import mutating
+from .._vmap import UNSET, AxisName, axis_names
 
 
 _MSG_NUM_FEATURES = (
@@ -29,18 +29,35 @@ _MSG_INPUT_DTYPE = (
     "(the output has the input's dtype, so normalised values would be truncated to "
     "integers). Cast it first, e.g. `bn(x.astype(jnp.float32))`."
 )
-_MSG_PER_EXAMPLE = (
-    "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
-    "got shape {shape}: a single example (per example inside `jax.vmap`). BatchNorm "
-    "normalises whole batches, so call it "
-    "on the batch, `y, bn = bn(x)` with `x` of shape (N, {n}, ...), not per example "
-    "inside `jax.vmap` (vmap only the per-example layers: `x = jax.vmap(linear)(x)`)."
-)
 _MSG_FEATURE_AXIS = (
     "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
     "got shape {shape}. Set `axis=` to the feature axis of the batch (e.g. `axis=-1` for "
-    "channels-last), and call it on the whole batch rather than per example inside "
-    "`jax.vmap`."
+    "channels-last)."
+)
+_MSG_EXAMPLE_AXIS = (
+    "BatchNorm was called per example (inside `jax.vmap`, with the BatchNorm itself not "
+    "mapped: Equinox's convention), so it expects one example of shape ({n}, ...) with "
+    "the features on axis {axis} (its `axis={own}` less the batch axis), got shape "
+    "{shape}. Pass one example per call, or set `axis=` to the feature axis of the "
+    "batch. (To normalise a batch per device, map with `shard_map` or `pmap`, not vmap.)"
+)
+_MSG_NOT_A_BATCH = (
+    "BatchNorm expects a batch of shape (N, {n}, ...) with the features on axis {axis}, "
+    "got shape {shape}: a single example. Call it on the whole batch, or per example "
+    "inside `eqstate.vmap(model)(xs)`, which maps the examples and lets BatchNorm "
+    "reduce its statistics over them."
+)
+_MSG_NO_AXIS = (
+    "BatchNorm was called per example (inside `jax.vmap`, with the BatchNorm itself not "
+    "mapped) in training, but has no mapped axis to take its batch statistics over. Map "
+    "the model with `eqstate.vmap(model)(xs)` (its layers then reduce over the mapped "
+    "axis), or name the vmapped axis: `jax.vmap(..., axis_name='batch')` with "
+    "`BatchNorm(n, axis_name='batch')` or `bn(x, axis_name='batch')`. Or call it on the "
+    "whole batch."
+)
+_MSG_MODE = (
+    "BatchNorm(mode=...) must be 'running', 'batch' or 'ema', got {mode!r}. 'batch' and "
+    "'ema' are `eqx.nn.BatchNorm`'s modes of the same names."
 )
 _MSG_ONE_VALUE = (
     "BatchNorm in training got a batch of shape {shape}: one value per feature, so its "
@@ -52,24 +69,39 @@ _MSG_ONE_VALUE = (
 
 
 class BatchNorm(Module):
-    """Batch normalisation over a batch with a leading batch axis, with running statistics.
+    """Batch normalisation with running statistics, on a batch or per example.
 
-    Works on whole batches as vmapped Equinox layers produce them: `(N, C)`,
-    `(N, C, H, W)`, ... with features on `axis` (default 1). Statistics are taken over
-    every other axis, so no `vmap` or `axis_name` is needed. With `axis_name`, they are
-    also averaged across that mapped axis (devices under `shard_map` / `pmap`).
+    **On a batch:** `y, bn = bn(x)` with `x` of shape `(N, C)`, `(N, C, H, W)`, ... and
+    the features on `axis` (default 1). Statistics are taken over every other axis (and
+    averaged over `axis_name`, e.g. devices under `shard_map`).
 
-    In training (`inference=False`) the batch is normalised with its own mean and
-    (biased) variance, and the running statistics move towards them:
-    `running = momentum * running + (1 - momentum) * batch`. In inference the running
-    statistics are used and nothing changes.
+    **Per example** (Equinox's style): inside `eqstate.vmap(model)(xs)`, `x` is one
+    example of shape `(C, H, W, ...)` (features on `axis - 1`), and the statistics are
+    taken over its other axes and over the mapped batch, with the same numbers as the
+    batch-level call. The returned BatchNorm holds one copy of the statistics. Under a
+    plain `jax.vmap`, name its axis (`axis_name=` here or at the call).
+
+    In training (`inference=False`) the batch is normalised with its statistics and the
+    running statistics move towards them, `running = momentum * running + (1 - momentum)
+    * batch`; in inference the running statistics are used and nothing changes. The
+    `mode` chooses the variant:
+
+    - `"running"` (default): as in PyTorch, Flax and Haiku.
+    - `"batch"`: `eqx.nn.BatchNorm(mode="batch")`: as `"running"`, but inference divides
+        the running statistics by `1 - momentum**count` (zero-debiasing), with `count`
+        the number of training calls.
+    - `"ema"`: `eqx.nn.BatchNorm(mode="ema")`: training normalises with the updated
+        running statistics themselves, which the first training call sets to that
+        batch's statistics.
 
     **Fields:**
 
     - `weight`, `bias`: per-feature affine parameters (`Param`), or `None` without
         `affine`.
     - `running_mean`, `running_var`: `BatchStat`, initialised to zeros and ones.
-    - `momentum`, `eps`, `axis`, `axis_name`: static settings.
+    - `count`: `BatchStat`, the number of training calls (modes `"batch"` and `"ema"`),
+        else `None`.
+    - `momentum`, `eps`, `axis`, `axis_name`, `mode`: static settings.
     - `inference`: Equinox's convention; flip with `eqx.nn.inference_mode` or
         `eqstate.eval`.
     """
@@ -78,10 +110,12 @@ class BatchNorm(Module):
     bias: Float[Array, " features"] | None
     running_mean: Float[Array, " features"] = BatchStat.field()
     running_var: Float[Array, " features"] = BatchStat.field()
+    count: Int[Array, ""] | None = BatchStat.field(default=None)
     momentum: float = eqx.field(static=True, default=0.99)
     eps: float = eqx.field(static=True, default=1e-5)
     axis: int = eqx.field(static=True, default=1)
-    axis_name: Hashable | Sequence[Hashable] | None = eqx.field(static=True, default=None)
+    axis_name: AxisName = eqx.field(static=True, default=None)
+    mode: Literal["running", "batch", "ema"] = eqx.field(static=True, default="running")
     inference: bool = False
 
     def __init__(
@@ -92,7 +126,8 @@ class BatchNorm(Module):
         eps: float = 1e-5,
         affine: bool = True,
         axis: int = 1,
-        axis_name: Hashable | Sequence[Hashable] | None = None,
+        axis_name: AxisName = None,
+        mode: Literal["running", "batch", "ema"] = "running",
         inference: bool = False,
         dtype: jnp.dtype | None = None,
     ):
@@ -102,9 +137,11 @@ class BatchNorm(Module):
         - `momentum`: the weight kept from the old running value (Equinox's convention).
         - `eps`: added to the variance before the square root.
         - `affine`: whether to learn a per-feature scale and shift.
-        - `axis`: the feature axis of the batched input (default 1; `-1` for
-            channels-last).
-        - `axis_name`: optional mapped axis name(s) to average statistics over.
+        - `axis`: the feature axis of a batch (default 1; `-1` for channels-last).
+        - `axis_name`: mapped axis name(s) to average the statistics over, such as a
+            device axis. Per example inside `eqstate.vmap` the mapped axis is found
+            without it; a call's `axis_name=` overrides it.
+        - `mode`: `"running"`, `"batch"` or `"ema"`; see above.
         - `inference`: start in inference mode.
         - `dtype`: dtype of parameters and statistics (default float32).
         """
@@ -119,6 +156,8 @@ class BatchNorm(Module):
         if eps < 0:
             raise ValueError(f"BatchNorm(eps=...) must be non-negative, got {eps}.")
         _check_number("axis", axis, "an int (the feature axis, e.g. 1 or -1)", Integral)
+        if mode not in ("running", "batch", "ema"):
+            raise ValueError(_MSG_MODE.format(mode=mode))
         dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
         if not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(_MSG_DTYPE.format(dtype=dtype))
@@ -127,44 +166,51 @@ class BatchNorm(Module):
         self.bias = jnp.zeros(num_features, dtype) if affine else None
         self.running_mean = jnp.zeros(num_features, dtype)
         self.running_var = jnp.ones(num_features, dtype)
+        self.count = None if mode == "running" else jnp.zeros((), jnp.int32)
         self.momentum = float(momentum)
         self.eps = float(eps)
         self.axis = axis
         self.axis_name = axis_name
+        self.mode = mode
         self.inference = inference
 
     @mutating
-    def __call__(self, x: Array, *, inference: bool | None = None) -> Array:
+    def __call__(
+        self, x: Array, *, inference: bool | None = None, axis_name: AxisName = UNSET
+    ) -> Array:
         """Normalise `x`; returns `(y, new_batch_norm)`.
 
         **Arguments:**
 
-        - `x`: a floating-point array with a leading batch axis and `num_features` on
-            `self.axis`: the whole batch, not one example (not per example inside
-            `jax.vmap`). In training it needs more than one value per feature (the
-            variance of one value is 0), unless `axis_name` averages over devices.
+        - `x`: a floating-point batch with `num_features` on `self.axis`, or one example
+            (features on `self.axis - 1`) per example inside `eqstate.vmap` / `jax.vmap`.
+            In training, a batch needs more than one value per feature, unless
+            `axis_name` averages over devices.
         - `inference`: overrides `self.inference` when not `None`. It may be a traced
             boolean (plain `jax.jit`, `lax.scan` carries); both branches are then
             computed and selected.
+        - `axis_name`: overrides `self.axis_name` for this call (`None`: no mapped axis,
+            e.g. to train a model built for several devices on one).
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
-        axis = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
         n = self.running_mean.shape[0]
         flag = concrete_flag(self.inference if inference is None else inference)
-        # per example under jax.vmap (e.g. a (C, H, W) map), unless the statistics are
-        # averaged across the mapped axis (`axis_name`, e.g. devices simulated by vmap)
-        one_example = x.ndim < 2 or (
-            flag is not True
-            and self.axis_name is None
-            and is_mapped(x)
-            and not is_mapped(self.running_mean)
-        )
-        if one_example or axis is None or axis == 0 or x.shape[axis] != n:
-            msg = _MSG_PER_EXAMPLE if one_example else _MSG_FEATURE_AXIS
-            raise ValueError(msg.format(n=n, axis=self.axis, shape=x.shape))
-        if flag is False and self.axis_name is None and x.size == n:
+        per_example = is_mapped(x) and not is_mapped(self.running_mean)
+        names = axis_names(self.axis_name, axis_name, per_example)
+        axis = self.axis - 1 if per_example and self.axis > 0 else self.axis
+        if not per_example and x.ndim < 2:
+            raise ValueError(_MSG_NOT_A_BATCH.format(n=n, axis=self.axis, shape=x.shape))
+        fits = -x.ndim <= axis < x.ndim and x.shape[axis] == n
+        if not fits or (not per_example and axis % x.ndim == 0):
+            msg = _MSG_EXAMPLE_AXIS if per_example else _MSG_FEATURE_AXIS
+            raise ValueError(msg.format(n=n, axis=axis, own=self.axis, shape=x.shape))
+        axis %= x.ndim
+        training = flag is not True
+        if training and per_example and not names:
+            raise ValueError(_MSG_NO_AXIS)
+        if flag is False and not names and x.size == n:
             raise ValueError(_MSG_ONE_VALUE.format(shape=x.shape))
         shape = [1] * x.ndim
         shape[axis] = n
@@ -175,32 +221,57 @@ class BatchNorm(Module):
             key=lambda d: d.itemsize,
         )
         xs = x.astype(dtype)
-        if isinstance(flag, bool) and flag:
-            mean = self.running_mean.astype(dtype)
-            var = self.running_var.astype(dtype)
+        if training:
+            mean, var = self._train(xs, axis, shape, names, dtype, flag)
         else:
-            reduce = tuple(i for i in range(x.ndim) if i != axis)
-            mean = jnp.mean(xs, axis=reduce)
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(xs - mean.reshape(shape)), axis=reduce)
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
-            m = self.momentum
-            new_mean = m * self.running_mean.astype(dtype) + (1 - m) * mean
-            new_var = m * self.running_var.astype(dtype) + (1 - m) * var
-            if not isinstance(flag, bool):  # a traced flag: select both branches
-                mean = jnp.where(flag, self.running_mean.astype(dtype), mean)
-                var = jnp.where(flag, self.running_var.astype(dtype), var)
-                new_mean = jnp.where(flag, self.running_mean.astype(dtype), new_mean)
-                new_var = jnp.where(flag, self.running_var.astype(dtype), new_var)
-            self.running_mean, self.running_var = new_mean, new_var
+            mean, var = self._inference_stats(dtype)
         y = (xs - mean.reshape(shape)) * jax.lax.rsqrt(var.reshape(shape) + self.eps)
         if self.weight is not None and self.bias is not None:
-            y = y * self.weight.reshape(shape).astype(dtype) + self.bias.reshape(shape).astype(
-                dtype
-            )
+            weight, bias = self.weight.astype(dtype), self.bias.astype(dtype)
+            y = y * weight.reshape(shape) + bias.reshape(shape)
         return y.astype(x.dtype)
+
+    def _inference_stats(self, dtype: Any) -> tuple[Array, Array]:
+        mean, var = self.running_mean.astype(dtype), self.running_var.astype(dtype)
+        if self.mode == "batch" and self.count is not None:
+            debias = 1 - jnp.power(jnp.asarray(self.momentum, dtype), self.count.astype(dtype))
+            scale = jnp.where(self.count == 0, jnp.ones((), dtype), debias)
+            mean, var = mean / scale, var / scale
+        return mean, var
+
+    def _train(
+        self, xs: Array, axis: int, shape: list[int], names: tuple, dtype: Any, flag: Any
+    ) -> tuple[Array, Array]:
+        """Batch statistics, the new running statistics (assigned), and the statistics
+        to normalise with (selected by a traced `flag`)."""
+        reduce = tuple(i for i in range(xs.ndim) if i != axis)
+        mean = jnp.mean(xs, axis=reduce)
+        if names:
+            mean = jax.lax.pmean(mean, names)
+        var = jnp.mean(jnp.square(xs - mean.reshape(shape)), axis=reduce)
+        if names:
+            var = jax.lax.pmean(var, names)
+        m = self.momentum
+        old_mean, old_var = self.running_mean.astype(dtype), self.running_var.astype(dtype)
+        new_mean = m * old_mean + (1 - m) * mean
+        new_var = m * old_var + (1 - m) * var
+        count = self.count
+        if self.mode == "ema" and count is not None:
+            first = count == 0
+            new_mean = jnp.where(first, mean, new_mean)
+            new_var = jnp.where(first, var, new_var)
+            mean, var = new_mean, new_var
+        if not isinstance(flag, bool):  # a traced flag: select both branches
+            inf_mean, inf_var = self._inference_stats(dtype)
+            mean, var = jnp.where(flag, inf_mean, mean), jnp.where(flag, inf_var, var)
+            new_mean = jnp.where(flag, old_mean, new_mean)
+            new_var = jnp.where(flag, old_var, new_var)
+        self.running_mean, self.running_var = new_mean, new_var
+        if count is not None:
+            self.count = (
+                jnp.where(flag, count, count + 1) if not isinstance(flag, bool) else count + 1
+            )
+        return mean, var
 
 
 def _is_int(x: Any) -> bool:

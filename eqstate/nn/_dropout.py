@@ -13,6 +13,7 @@ from .._kinds import Rng
 from .._module import Module
 from .._mutating import mutating
 from .._rng import next_key
+from .._vmap import UNSET, AxisName, axis_names
 
 
 _MSG_P_TYPE = (
@@ -29,11 +30,12 @@ _MSG_INPUT_DTYPE = (
     "first, e.g. `drop(x.astype(jnp.float32))`."
 )
 _MSG_PER_EXAMPLE = (
-    "Dropout was called per example inside `jax.vmap` with one key for the whole batch, "
-    "so every example would get the same mask. Call it on the batch, `y, model = model(x)` "
-    "with `x` of shape (batch, ...), vmapping only the per-example layers "
-    "(`h = jax.vmap(linear)(x)`), or vmap over a batch of Dropout modules with keys of "
-    "their own (`jax.vmap(...)` with the modules mapped too)."
+    "Dropout was called per example inside `jax.vmap` (with the Dropout itself not "
+    "mapped) but has no mapped axis to fold its key over, so every example would get "
+    "the same mask. Map the model with `eqstate.vmap(model)(xs)` (each example then gets "
+    "its own mask), or name the vmapped axis: `jax.vmap(..., axis_name='batch')` with "
+    "`Dropout(p, key=key, axis_name='batch')` or `drop(x, axis_name='batch')`. Or call "
+    "it on the whole batch."
 )
 
 
@@ -44,20 +46,32 @@ class Dropout(Module):
     `1 / (1 - p)`; in inference (`inference=True`, `eqstate.eval`) it is the identity
     and the key does not move.
 
-    Call it on a whole batch: it draws one mask for the whole of `x`. Called per example
-    inside `jax.vmap` with an unmapped key, it would draw the same mask for every
-    example, so that is an error.
+    On a batch, row `i` (along the leading axis) gets the mask that example `i` gets per
+    example inside `eqstate.vmap(model)(xs)`, so both styles give the same numbers. Under
+    `axis_name` (e.g. devices under `shard_map`), each index along it draws its own
+    masks while the stored key stays in step.
     """
 
     key: PRNGKeyArray = Rng.field()
     p: float = eqx.field(static=True, default=0.5)
+    axis_name: AxisName = eqx.field(static=True, default=None)
     inference: bool = False
 
-    def __init__(self, p: float = 0.5, *, key: PRNGKeyArray, inference: bool = False):
+    def __init__(
+        self,
+        p: float = 0.5,
+        *,
+        key: PRNGKeyArray,
+        axis_name: AxisName = None,
+        inference: bool = False,
+    ):
         """**Arguments:**
 
         - `p`: the probability of dropping an element, in `[0, 1]`.
         - `key`: a PRNG key (`jax.random.key(seed)` or `jax.random.PRNGKey(seed)`).
+        - `axis_name`: mapped axis name(s) along which masks differ, such as a device
+            axis. Per example inside `eqstate.vmap` the mapped axis is found without it;
+            a call's `axis_name=` overrides it.
         - `inference`: start in inference mode.
         """
         if isinstance(p, bool) or not isinstance(p, Real):
@@ -68,15 +82,19 @@ class Dropout(Module):
             raise TypeError(_MSG_KEY.format(got=_describe(key)))
         self.key = key
         self.p = float(p)
+        self.axis_name = axis_name
         self.inference = inference
 
     @mutating
-    def __call__(self, x: Array, *, inference: bool | None = None) -> Array:
+    def __call__(
+        self, x: Array, *, inference: bool | None = None, axis_name: AxisName = UNSET
+    ) -> Array:
         """Apply dropout to `x`; returns `(y, new_dropout)`.
 
-        `x` must be floating-point. `inference` (or `self.inference`) may be a traced
-        boolean, as under plain `jax.jit` or in a `lax.scan` carry; both branches are
-        then computed and selected.
+        `x` must be floating-point: a batch, or one example per example inside
+        `eqstate.vmap`. `inference` (or `self.inference`) may be a traced boolean, as
+        under plain `jax.jit` or in a `lax.scan` carry; both branches are then computed
+        and selected. `axis_name` overrides `self.axis_name` for this call.
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -84,14 +102,20 @@ class Dropout(Module):
         flag = concrete_flag(self.inference if inference is None else inference)
         if self.p == 0.0 or (isinstance(flag, bool) and flag):
             return x
-        if is_mapped(x) and not is_mapped(self.key):
+        per_example = is_mapped(x) and not is_mapped(self.key)
+        names = axis_names(self.axis_name, axis_name, per_example)
+        if per_example and not names:
             raise ValueError(_MSG_PER_EXAMPLE)
         old_key = self.key
+        key = next_key(self, axis_name=names)
         if self.p == 1.0:
-            next_key(self)
             y = jnp.zeros_like(x)
         else:
-            keep = jax.random.bernoulli(next_key(self), 1.0 - self.p, x.shape)
+            if per_example or x.ndim == 0:
+                keep = jax.random.bernoulli(key, 1.0 - self.p, x.shape)
+            else:  # row i as example i would draw it per example
+                rows = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x.shape[0]))
+                keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.p, x.shape[1:]))(rows)
             y = jnp.where(keep, x / jnp.asarray(1.0 - self.p, x.dtype), jnp.zeros_like(x))
         if isinstance(flag, bool):
             return y
