@@ -147,7 +147,16 @@ def mutating(
         return result, new
 
     _advertise_pair_return(wrapper, method)
+    setattr(wrapper, _MARK, True)
     return wrapper
+
+
+_MARK = "__eqstate_mutating__"
+
+
+def is_mutating(fn: Any) -> bool:
+    """Whether `fn` (a function or method) is a `@mutating` method."""
+    return getattr(fn, _MARK, False) is True
 
 
 def _call_on_draft(method: Callable, draft: Any, args: tuple, kwargs: dict) -> Any:

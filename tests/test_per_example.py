@@ -188,6 +188,7 @@ def test_eqstate_vmap_in_axes_and_kwargs():
     y, new = eqstate.vmap(lambda m, x: m(x), in_axes=(None, 0))(bn, x)
     ref, ref_bn = bn(x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    assert tree_allclose(new, ref_bn, rtol=1e-5, atol=1e-7)
     y, _ = eqstate.vmap(lambda m, *, x: m(x))(bn, x=x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(

@@ -1,5 +1,6 @@
-"""Layers that own their state: `BatchNorm`, `Dropout`, `EMA`."""
+"""Layers that own their state (`BatchNorm`, `Dropout`, `EMA`), and `Sequential`."""
 
 from ._batch_norm import BatchNorm as BatchNorm
 from ._dropout import Dropout as Dropout
 from ._ema import EMA as EMA
+from ._sequential import Sequential as Sequential
