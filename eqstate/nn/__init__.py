@@ -4,3 +4,4 @@ from ._batch_norm import BatchNorm as BatchNorm
 from ._dropout import Dropout as Dropout
 from ._ema import EMA as EMA
 from ._sequential import Sequential as Sequential
+from ._with_state import WithState as WithState
