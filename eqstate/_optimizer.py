@@ -1,12 +1,14 @@
 """`Optimizer`: an optax transformation and its state, as a module."""
 
-from typing import Any
+import math
+from typing import Any, Self, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
+from jax.core import Tracer
 
 from ._convert import canonical_dtype
 from ._filters import Filter, check_same_structure, describe, is_none, leaf_path
@@ -15,6 +17,7 @@ from ._hyperparams import read_only, set_hyperparams
 from ._kinds import OptState, Param
 from ._module import Module
 from ._mutating import mutating
+from ._structural import describe_tx, structural
 
 
 _MSG_MISSING_GRAD = (
@@ -95,6 +98,7 @@ class _Shapes:
 
 
 _NO_MODEL: Any = object()
+_Model = TypeVar("_Model")
 
 
 class Optimizer(Module):
@@ -106,7 +110,11 @@ class Optimizer(Module):
 
     **Fields:**
 
-    - `tx`: the optax transformation (static).
+    - `tx`: the optax transformation (static). It compares by its settings: its
+        functions are equal when they have the same code, defaults and closure contents
+        (numbers and strings by value, concrete arrays by contents, anything else by
+        identity), so an optimizer rebuilt with the same settings (re-running
+        `eqstate.Optimizer(optax.adam(1e-3), model)`) does not recompile a jitted step.
     - `wrt`: the filter selecting the updated leaves (static).
     - `opt_leaves`: the leaves of optax's state (`OptState`), stored flat so that a
         jitted step does not rebuild copies of the model's structure for it.
@@ -115,8 +123,17 @@ class Optimizer(Module):
         built from (static); `update` checks the model and the gradients against them.
     - `step`: how many times `update` has been called (`OptState`, int32).
 
-    `opt.opt_state` gives optax's state in its own structure, as a read-only view:
-    change hyperparameters with `opt.with_hyperparams(...)`.
+    `opt.opt_state` gives optax's state in its own structure, as a read-only view.
+
+    **Changing hyperparameters without recompiling:** build the transformation with
+    `optax.inject_hyperparams`, which keeps its hyperparameters as arrays in the
+    optimizer state, and set them with `opt.with_hyperparams(learning_rate=...)`, between
+    steps or inside the jitted step. The optimizer keeps its structure, so the step is
+    not traced again. (A new `optax.adam(1e-4)` would compile again: the learning rate of
+    a plain transformation is a static value.)
+
+    **Per-kind settings:** `eqstate.labels` maps kinds (and other filters) to the labels
+    of `optax.multi_transform` or the masks of `optax.masked` / `optax.adamw(mask=...)`.
 
     !!! example
 
@@ -128,6 +145,16 @@ class Optimizer(Module):
             (loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
             model, opt = opt.update(grads, model)
             return model, opt, loss
+        ```
+
+    !!! example "A learning rate that changes every step"
+
+        ```python
+        tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=1e-4)
+        opt = eqstate.Optimizer(tx, model)
+        for step, (x, y) in enumerate(batches):
+            opt = opt.with_hyperparams(learning_rate=1e-3 * 0.99**step)
+            model, opt, loss = train_step(model, opt, x, y)  # compiled once
         ```
     """
 
@@ -156,7 +183,7 @@ class Optimizer(Module):
                 f"Optimizer(tx=...) expects an optax GradientTransformation such as "
                 f"optax.adam(1e-3), got {type(tx).__name__}."
             )
-        self.tx = tx
+        self.tx = structural(tx)
         self.wrt = wrt
         params, _ = split_differentiable(model, wrt, "eqstate.Optimizer", "optimise")
         leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
@@ -183,7 +210,7 @@ class Optimizer(Module):
     def _state(self) -> Any:
         return self.opt_def.unflatten(self.opt_leaves)
 
-    def with_hyperparams(self, **values: Any) -> "Optimizer":
+    def with_hyperparams(self, **values: Any) -> Self:
         """A new optimizer with hyperparameters injected by `optax.inject_hyperparams` set.
 
         **Arguments:**
@@ -211,10 +238,33 @@ class Optimizer(Module):
         assert treedef == self.opt_def, (treedef, self.opt_def)
         return eqx.tree_at(lambda o: o.opt_leaves, self, tuple(leaves))
 
+    def __repr__(self) -> str:
+        """`Optimizer(tx=chain(scale_by_adam, scale), wrt=eqstate.Param, params=2 arrays
+        (20 values), state=5 leaves, step=3)`: one line, whatever the model's size."""
+        values = [getattr(self, name, None) for name in ("tx", "wrt", "shapes", "step")]
+        tx, wrt, shapes, step = values
+        parts = [f"tx={describe_tx(tx)}" if tx is not None else "tx=None"]
+        parts.append(f"wrt={describe(wrt)}")
+        if isinstance(shapes, _Shapes):
+            used = [e for e in shapes.entries if e is not None]
+            size = sum(math.prod(e[0]) for e in used)
+            parts.append(f"params={len(used)} array{'s' * (len(used) != 1)} ({size} values)")
+        leaves = getattr(self, "opt_leaves", None)
+        if isinstance(leaves, tuple):
+            parts.append(f"state={len(leaves)} leaves")
+        parts.append(f"step={_short_step(step)}")
+        return f"Optimizer({', '.join(parts)})"
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        """The short `repr`, also inside `eqx.tree_pformat` of a larger tree."""
+        import wadler_lindig  # equinox's pretty-printer, which calls this
+
+        return wadler_lindig.TextDoc(repr(self))
+
     @mutating
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
-        self, grads: Any, model: Any = _NO_MODEL, **extra_args: Any
-    ) -> Any:
+        self, grads: Any, model: _Model = _NO_MODEL, **extra_args: Any
+    ) -> _Model:
         """Apply one optimizer step. Returns `(new_model, new_optimizer)`.
 
         This `update` trains; it is not `eqstate.Module.update`, which puts trees back
@@ -234,6 +284,11 @@ class Optimizer(Module):
             `value=loss` for `optax.contrib.reduce_on_plateau`; `value=`, `grad=` and
             `value_fn=` for `optax.lbfgs` (`value_fn` takes the `wrt` leaves, as a tree
             of the model's structure, and returns the loss).
+
+        **Returns:**
+
+        `(new_model, new_optimizer)`: the model, of the type passed, with its `wrt` leaves
+        updated, and this optimizer with its state advanced.
         """
         _check_arguments(grads, model)
         params, grads, m_leaves, m_def = self._params_and_grads(grads, model)
@@ -315,6 +370,15 @@ def _check_arguments(grads: Any, model: Any) -> None:
         raise TypeError(_MSG_MODEL_IS_OPTIMIZER)
     if grads is model:
         raise TypeError(_MSG_GRADS_ARE_MODEL)
+
+
+def _short_step(step: Any) -> str:
+    if isinstance(step, jax.Array) and not isinstance(step, Tracer):
+        try:
+            return str(int(step))
+        except Exception:  # deleted (donated), or not a scalar
+            pass
+    return _describe(step) if eqx.is_array(step) else repr(step)
 
 
 def _path(tree: Any, index: int) -> str:
