@@ -13,6 +13,7 @@ from ._kinds import (
     State as State,
     field as field,
 )
+from ._labels import labels as labels
 from ._mode import eval as eval, train as train
 from ._module import Module as Module, update as update
 from ._mutating import (
