@@ -54,9 +54,9 @@ def dataset(seed=5678, size=10):
     return xs, jnp.sin(xs) + 1 * jr.normal(xkey2, (size, 3))
 
 
-def train_equinox(model, state, xs, ys, steps):
+def train_equinox(model, state, xs, ys, steps, optim=None):
     """The notebook's training loop."""
-    optim = optax.adam(3e-4)
+    optim = optax.adam(3e-4) if optim is None else optim
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 
     def compute_loss(model, state, xs, ys):
@@ -80,8 +80,8 @@ def train_equinox(model, state, xs, ys, steps):
     return losses, model, state
 
 
-def train_eqstate(model, xs, ys, steps):
-    opt = eqstate.Optimizer(optax.adam(3e-4), model)
+def train_eqstate(model, xs, ys, steps, tx=None):
+    opt = eqstate.Optimizer(optax.adam(3e-4) if tx is None else tx, model)
 
     def loss_fn(model, xs, ys):
         pred_ys, model = eqstate.vmap(model, axis_name="batch")(xs)
@@ -124,6 +124,71 @@ def test_migrated_stateful_notebook_gives_equinoxs_numbers(mode):
     ours, same = eqstate.vmap(eqstate.eval(model), axis_name="batch")(xs)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
     assert tree_allclose(same.state, eqx_state)
+
+
+class Ported(eqstate.Module):
+    """The same model ported layer by layer to eqstate's own layers."""
+
+    norm1: eqstate.nn.BatchNorm
+    spectral_linear: eqstate.nn.SpectralNorm[eqx.nn.Linear]
+    norm2: eqstate.nn.BatchNorm
+    linear1: eqx.nn.Linear
+    linear2: eqx.nn.Linear
+
+    def __init__(self, key, mode: Literal["ema", "batch"]):
+        key1, key2, key3, key4 = jr.split(key, 4)
+        self.norm1 = eqstate.nn.BatchNorm(3, mode=mode)
+        self.spectral_linear = eqstate.nn.SpectralNorm(
+            eqx.nn.Linear(in_features=3, out_features=32, key=key1), "weight", key=key2
+        )
+        self.norm2 = eqstate.nn.BatchNorm(32, mode=mode)
+        self.linear1 = eqx.nn.Linear(in_features=32, out_features=32, key=key3)
+        self.linear2 = eqx.nn.Linear(in_features=32, out_features=3, key=key4)
+
+    @eqstate.mutating
+    def __call__(self, x):
+        x, self.norm1 = self.norm1(x)
+        x, self.spectral_linear = self.spectral_linear(x)
+        x = jax.nn.relu(x)
+        x, self.norm2 = self.norm2(x)
+        return self.linear2(jax.nn.relu(self.linear1(x)))
+
+
+@pytest.mark.usefixtures("standard_promotion")
+@pytest.mark.parametrize("mode", ["batch", "ema"])
+def test_ported_layer_by_layer_gives_equinoxs_numbers(mode):
+    xs, ys = dataset()
+    # forward in training: the same outputs and state, call after call
+    eqx_model, eqx_state = eqx.nn.make_with_state(Model)(jr.PRNGKey(0), mode)
+    ported = Ported(jr.PRNGKey(0), mode)
+    forward = jax.vmap(eqx_model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    for _ in range(3):
+        ref, eqx_state = forward(xs, eqx_state)
+        ours, ported = eqstate.vmap(ported)(xs)
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    for norm in ("norm1", "norm2"):
+        index = (
+            getattr(eqx_model, norm).batch_state_index or getattr(eqx_model, norm).ema_state_index
+        )
+        mean, var = eqx_state.get(index)
+        np.testing.assert_allclose(getattr(ported, norm).running_mean, mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(getattr(ported, norm).running_var, var, rtol=1e-6, atol=1e-7)
+    u, v = eqx_state.get(eqx_model.spectral_linear.uv_index)
+    np.testing.assert_allclose(ported.spectral_linear.u, u, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ported.spectral_linear.v, v, rtol=1e-6, atol=1e-7)
+
+    # trained (with SGD: Adam turns float noise in near-zero gradients into steps of the
+    # full learning rate, so two exact ports drift apart), then inference
+    eqx_model, eqx_state = eqx.nn.make_with_state(Model)(jr.PRNGKey(0), mode)
+    ref_losses, eqx_model, eqx_state = train_equinox(
+        eqx_model, eqx_state, xs, ys, steps=6, optim=optax.sgd(0.05)
+    )
+    losses, model = train_eqstate(Ported(jr.PRNGKey(0), mode), xs, ys, steps=6, tx=optax.sgd(0.05))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    inference_model = eqx.Partial(eqx.nn.inference_mode(eqx_model), state=eqx_state)
+    ref = jax.vmap(inference_model, axis_name="batch")(xs)[0]
+    ours, _ = eqstate.vmap(eqstate.eval(model))(xs)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_state_is_seen_by_kinds():

@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._convert import concrete_flag, is_key_like
 from .._kinds import State
 from .._module import Module
-from .._mutating import mutating
+from .._mutating import is_mutating, mutating
 
 
 _Layer = TypeVar("_Layer")
@@ -225,30 +225,11 @@ class SpectralNorm(Module, Generic[_Layer]):
         normalised = jnp.reshape(matrix / sigma, weight.shape)
         layer = eqx.tree_at(lambda m: getattr(m, self.weight_name), self.layer, normalised)
         out = layer(x) if key is None else layer(x, key=key)  # pyright: ignore[reportCallIssue]
-        if _is_mutating_call(layer):
+        if is_mutating(type(layer).__call__):
             # an eqstate layer's `(y, new_layer)`: keep its new state, un-normalised
             out, new_layer = out
             self.layer = eqx.tree_at(lambda m: getattr(m, self.weight_name), new_layer, weight)
         return out
-
-
-def _probe(self: Module) -> None: ...
-
-
-_MUTATING_CODE = mutating(_probe).__code__  # every `@eqstate.mutating` wrapper's code
-
-
-def _is_mutating_call(layer: Any) -> bool:
-    """Whether `layer(...)` is an `@eqstate.mutating` method (returning `(y, new)`),
-    also under decorators applied outside it with `functools.wraps`."""
-    fn = type(layer).__call__ if callable(layer) else None
-    for _ in range(8):
-        if fn is None:
-            return False
-        if getattr(fn, "__code__", None) is _MUTATING_CODE:
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
 
 
 def _checked_weight(layer: Any, name: str) -> Any:
