@@ -5,9 +5,9 @@ from typing import Any
 
 import jax
 
-from ._draft import drafts, frame_of, per_example
+from ._draft import drafts, frame_of
 from ._module import Module, _rng_fields
-from ._vmap import bound_axes
+from ._vmap import UNSET, layer_axes
 
 
 _MSG_NOT_DRAFT = (
@@ -81,9 +81,11 @@ def next_key(
     setattr(module, name, new_key)
     if axis_name is None:
         frame = frame_of(module)
-        names = bound_axes() if frame is not None and per_example(frame) else ()
-        if frame is not None and per_example(frame) and not names:
+        args, original = (frame.args, frame.original) if frame is not None else ((), module)
+        axes = layer_axes(f"eqstate.next_key({cls.__name__})", None, UNSET, args, original)
+        if axes.per_example and (axes.uncovered or not axes.names):
             raise ValueError(_MSG_PER_EXAMPLE.format(cls=cls.__name__))
+        names = axes.names
     else:
         names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     return fold_axes(subkey, names)

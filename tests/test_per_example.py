@@ -141,7 +141,7 @@ class Total(eqstate.Module):
 def test_state_that_differs_between_examples_is_a_named_error():
     with pytest.raises(
         ValueError,
-        match=r"eqstate\.vmap: the returned model's \[1\]\.total differs between examples.*jax\.lax\.psum",
+        match=r"eqstate\.vmap: output\[1\]\.total is returned unmapped \(it is inside a module.*differs between examples.*jax\.lax\.psum",
     ):
         eqstate.vmap(Total())(jnp.ones((4, 2)))
     # mapped explicitly, it is the user's choice
@@ -173,8 +173,12 @@ def test_plain_vmap_and_filter_vmap_with_an_axis_name():
 def test_the_call_can_unbind_the_axis():
     bn = BatchNorm(3, axis_name="devices")
     x, _ = data()
-    with pytest.raises(NameError):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm: axis_name 'devices' is not a mapped axis here.*`layer\(x, axis_name=None\)`",
+    ):
         bn(x)
+    eqstate.eval(bn)(x)  # inference reduces over nothing, so needs no axis
     y, new = bn(x, axis_name=None)
     ref, ref_bn = BatchNorm(3)(x)
     np.testing.assert_allclose(y, ref)
@@ -189,7 +193,12 @@ def test_eqstate_vmap_in_axes_and_kwargs():
     ref, ref_bn = bn(x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     assert tree_allclose(new, ref_bn, rtol=1e-5, atol=1e-7)
-    y, _ = eqstate.vmap(lambda m, *, x: m(x))(bn, x=x)
+    with pytest.raises(
+        ValueError,
+        match=r"eqstate\.vmap: nothing to map.*keyword arguments are unmapped by default.*in_axes=\{'x': 0\}",
+    ):
+        eqstate.vmap(lambda m, *, x: m(x))(bn, x=x)
+    y, _ = eqstate.vmap(lambda m, *, x: m(x), in_axes={"x": 0})(bn, x=x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(
         ValueError, match=r"eqstate\.vmap\(in_axes=\.\.\.\) must be an int, None, or a callable"
@@ -233,3 +242,157 @@ def test_per_example_batch_norm_equals_the_batch_call(n, c, spatial, channels_la
     y_example, example_bn = eqstate.vmap(bn)(x)
     np.testing.assert_allclose(y_example, y_batch, rtol=1e-4, atol=1e-4)
     assert tree_allclose(example_bn, batch_bn, rtol=1e-5, atol=1e-6)
+
+
+class ScanDrop(eqstate.Module):
+    drop: Dropout
+
+    @eqstate.mutating
+    def __call__(self, x):  # x: (T, D), one example
+        def body(d, xt):
+            y, d = d(xt)
+            return d, y
+
+        self.drop, ys = jax.lax.scan(body, self.drop, x)
+        return ys
+
+
+class CheckpointedNorm(eqstate.Module):
+    bn: BatchNorm
+
+    @eqstate.mutating
+    def __call__(self, x):
+        y, self.bn = jax.checkpoint(lambda bn, x: bn(x))(self.bn, x)
+        return y
+
+
+class JittedNorm(eqstate.Module):
+    bn: BatchNorm
+
+    @eqstate.mutating
+    def __call__(self, x):
+        y, self.bn = eqx.filter_jit(lambda bn, x: bn(x))(self.bn, x)
+        return y
+
+
+def test_layers_inside_scan_checkpoint_and_jit_still_run_per_example():
+    # the tracers inside these show no batch axis; eqstate.vmap's axis is still bound
+    ys, _ = eqstate.vmap(ScanDrop(Dropout(0.5, key=jax.random.key(0))))(jnp.ones((4, 3, 8)))
+    assert len({tuple(np.asarray(r)) for r in ys[:, 0]}) == 4
+    x = 1.0 + jax.random.normal(jax.random.key(0), (6, 4, 4, 4))  # (N, C, H, W), C == H
+    ref, ref_bn = BatchNorm(4)(x)
+    for wrapper in (CheckpointedNorm, JittedNorm):
+        y, new = eqstate.vmap(wrapper(BatchNorm(4)))(x)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+        assert tree_allclose(new.bn, ref_bn, rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_of_models_each_run_per_example():
+    keys = jax.random.split(jax.random.key(0), 2)
+    drops = eqx.filter_vmap(lambda k: Dropout(0.5, key=k))(keys)
+    ys, _ = eqx.filter_vmap(lambda d, x: eqstate.vmap(d)(x))(drops, jnp.ones((2, 4, 6)))
+    for member in ys:
+        assert len({tuple(np.asarray(r)) for r in member}) == 4
+    bns = eqx.filter_vmap(lambda _: BatchNorm(3))(jnp.arange(2))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 3))
+    ys, new = eqx.filter_vmap(lambda bn, x: eqstate.vmap(bn)(x))(bns, x)
+    for i in range(2):
+        ref, ref_bn = BatchNorm(3)(x[i])
+        np.testing.assert_allclose(ys[i], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new.running_var[i], ref_bn.running_var, rtol=1e-5)
+    # an ensemble mapped by eqstate.vmap itself: each member normalises its own batch
+    ys, _ = eqstate.vmap(lambda bn, x: bn(x), in_axes=(0, 0), out_axes=0)(
+        bns, jax.random.normal(jax.random.key(2), (2, 5, 3))
+    )
+    assert ys.shape == (2, 5, 3)
+
+
+def test_an_inner_unnamed_vmap_is_still_refused():
+    class TimeDrop(eqstate.Module):
+        drop: Dropout
+
+        @eqstate.mutating
+        def __call__(self, x):  # (T, D)
+            y, self.drop = jax.vmap(lambda xt: self.drop(xt), out_axes=(0, None))(x)
+            return y
+
+    m = TimeDrop(Dropout(0.5, key=jax.random.key(0)))
+    with pytest.raises(ValueError, match="same mask"):
+        eqstate.vmap(m)(jnp.ones((2, 3, 6)))
+
+
+def test_next_key_in_a_method_without_mapped_arguments_differs_per_example():
+    class Sampler(eqstate.Module):
+        key: jax.Array = eqstate.Rng.field()
+
+        @eqstate.mutating
+        def sample(self, shape):
+            return jax.random.normal(eqstate.next_key(self), shape)
+
+    class WithNoise(eqstate.Module):
+        noise: Sampler
+
+        @eqstate.mutating
+        def __call__(self, x):
+            eps, self.noise = self.noise.sample(x.shape)
+            return x + eps
+
+    ys, _ = eqstate.vmap(WithNoise(Sampler(jax.random.key(0))))(jnp.zeros((3, 2)))
+    assert len({tuple(np.asarray(r)) for r in ys}) == 3
+    ys, _ = eqstate.vmap(lambda s: s.sample((2,)), axis_size=3)(Sampler(jax.random.key(0)))
+    assert len({tuple(np.asarray(r)) for r in ys}) == 3
+
+
+def test_device_axis_and_example_axis_together():
+    # a layer's own axis (devices, here simulated by an outer named vmap) adds to the
+    # example axis of eqstate.vmap inside
+    drop = Dropout(0.5, key=jax.random.key(0), axis_name="dev")
+    x = jnp.ones((2, 4, 64))
+    ys, new = jax.vmap(lambda x: eqstate.vmap(drop)(x), axis_name="dev", out_axes=(0, None))(x)
+    assert len({tuple(np.asarray(r)) for r in ys.reshape(8, 64)}) == 8
+    bn = BatchNorm(6, axis_name="dev")
+    x = jax.random.normal(jax.random.key(1), (2, 4, 6))
+    ys, new = jax.vmap(lambda x: eqstate.vmap(bn)(x), axis_name="dev", out_axes=(0, None))(x)
+    ref, ref_bn = BatchNorm(6)(x.reshape(8, 6))
+    np.testing.assert_allclose(ys.reshape(8, 6), ref, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(new.running_var, ref_bn.running_var, rtol=1e-5)
+
+
+def test_vmap_axes_follow_jax_and_equinox():
+    xs = jnp.arange(12.0).reshape(4, 3)
+    # None means unmapped, as in jax.vmap
+    np.testing.assert_allclose(
+        eqstate.vmap(lambda x: x.sum(), in_axes=None, axis_size=4)(xs), jnp.full(4, 66.0)
+    )
+    with pytest.raises(ValueError):
+        eqstate.vmap(lambda x: x, out_axes=None)(xs)
+    # keyword arguments are unmapped by default (key=, inference=)
+    seq = eqstate.nn.Sequential([eqx.nn.Linear(3, 3, key=jax.random.key(0)), eqx.nn.Dropout(0.5)])
+    ys, _ = eqstate.vmap(seq)(xs, key=jax.random.key(1))
+    assert ys.shape == (4, 3)
+    y, _ = eqstate.vmap(BatchNorm(3))(xs, inference=jnp.array(True))
+    np.testing.assert_allclose(y, xs / np.sqrt(1 + 1e-5), rtol=1e-6)
+    # the dict form of eqx.filter_vmap, keyword arguments included
+    f = eqstate.vmap(lambda x, scale: x * scale, in_axes={"scale": 0})
+    np.testing.assert_allclose(f(xs, jnp.arange(4.0)), xs * jnp.arange(4.0)[:, None])
+    np.testing.assert_allclose(f(xs, scale=jnp.arange(4.0)), xs * jnp.arange(4.0)[:, None])
+    with pytest.raises(
+        ValueError, match=r"in_axes=\{\.\.\.\}\) names 'sclae', which is not a parameter"
+    ):
+        eqstate.vmap(lambda x, scale: x * scale, in_axes={"sclae": 0})(xs, 1.0)
+    with pytest.raises(
+        ValueError, match=r"in_axes=\.\.\.\) has 1 entries but the call has 2 positional"
+    ):
+        eqstate.vmap(lambda x, y: x + y, in_axes=(0,))(xs, xs)
+    np.testing.assert_allclose(
+        eqstate.vmap(lambda x, y: x + y, in_axes=[0, None])(xs, xs[0]), xs + xs[0]
+    )
+    with pytest.raises(ValueError, match=r"must be an int, None, or a callable .* got True"):
+        eqstate.vmap(lambda x: x, in_axes=True)(xs)
+
+
+def test_per_example_batch_of_one_is_refused_in_training():
+    with pytest.raises(ValueError, match=r"one value per feature, so its variance is 0"):
+        eqstate.vmap(BatchNorm(3))(jnp.array([[1.0, 2.0, 3.0]]))
+    y, _ = eqstate.vmap(eqstate.eval(BatchNorm(3)))(jnp.array([[1.0, 2.0, 3.0]]))
+    assert y.shape == (1, 3)

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._convert import concrete_flag
-from .._draft import is_mapped
 from .._kinds import BatchStat
 from .._module import Module
 from .._mutating import mutating
-from .._vmap import UNSET, AxisName, axis_names
+from .._vmap import UNSET, AxisName, check_bound, layer_axes
 
 
 _MSG_NUM_FEATURES = (
@@ -37,7 +36,7 @@ _MSG_FEATURE_AXIS = (
 _MSG_EXAMPLE_AXIS = (
     "BatchNorm was called per example (inside `jax.vmap`, with the BatchNorm itself not "
     "mapped: Equinox's convention), so it expects one example of shape ({n}, ...) with "
-    "the features on axis {axis} (its `axis={own}` less the batch axis), got shape "
+    "the features on axis {axis} (`axis={own}` counts the batch axis), got shape "
     "{shape}. Pass one example per call, or set `axis=` to the feature axis of the "
     "batch. (To normalise a batch per device, map with `shard_map` or `pmap`, not vmap.)"
 )
@@ -86,7 +85,8 @@ class BatchNorm(Module):
     * batch`; in inference the running statistics are used and nothing changes. The
     `mode` chooses the variant:
 
-    - `"running"` (default): as in PyTorch, Flax and Haiku.
+    - `"running"` (default): as in Flax and Haiku (PyTorch's `momentum` is
+        `1 - momentum`, and it moves the running variance towards the unbiased one).
     - `"batch"`: `eqx.nn.BatchNorm(mode="batch")`: as `"running"`, but inference divides
         the running statistics by `1 - momentum**count` (zero-debiasing), with `count`
         the number of training calls.
@@ -197,8 +197,8 @@ class BatchNorm(Module):
             raise TypeError(_MSG_INPUT_DTYPE.format(dtype=x.dtype))
         n = self.running_mean.shape[0]
         flag = concrete_flag(self.inference if inference is None else inference)
-        per_example = is_mapped(x) and not is_mapped(self.running_mean)
-        names = axis_names(self.axis_name, axis_name, per_example)
+        axes = layer_axes("BatchNorm", self.axis_name, axis_name, x, self.running_mean)
+        per_example, names = axes.per_example, axes.names
         axis = self.axis - 1 if per_example and self.axis > 0 else self.axis
         if not per_example and x.ndim < 2:
             raise ValueError(_MSG_NOT_A_BATCH.format(n=n, axis=self.axis, shape=x.shape))
@@ -208,9 +208,11 @@ class BatchNorm(Module):
             raise ValueError(msg.format(n=n, axis=axis, own=self.axis, shape=x.shape))
         axis %= x.ndim
         training = flag is not True
-        if training and per_example and not names:
+        if training and per_example and (axes.uncovered or not names):
             raise ValueError(_MSG_NO_AXIS)
-        if flag is False and not names and x.size == n:
+        if training:
+            check_bound(axes)
+        if flag is False and _values_per_feature(x.size // n, names) == 1:
             raise ValueError(_MSG_ONE_VALUE.format(shape=x.shape))
         shape = [1] * x.ndim
         shape[axis] = n
@@ -272,6 +274,13 @@ class BatchNorm(Module):
                 jnp.where(flag, count, count + 1) if not isinstance(flag, bool) else count + 1
             )
         return mean, var
+
+
+def _values_per_feature(local: int, names: tuple) -> int | None:
+    """How many values each feature's statistics average: `local` times the size of
+    the mapped axes (`None` where that size is not known when tracing)."""
+    total = jax.lax.psum(1, names) if names else 1
+    return local * total if isinstance(total, int) else None
 
 
 def _is_int(x: Any) -> bool:

@@ -8,12 +8,11 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from .._convert import concrete_flag, is_key_like
-from .._draft import is_mapped
 from .._kinds import Rng
 from .._module import Module
 from .._mutating import mutating
 from .._rng import next_key
-from .._vmap import UNSET, AxisName, axis_names
+from .._vmap import UNSET, AxisName, check_bound, layer_axes
 
 
 _MSG_P_TYPE = (
@@ -102,10 +101,11 @@ class Dropout(Module):
         flag = concrete_flag(self.inference if inference is None else inference)
         if self.p == 0.0 or (isinstance(flag, bool) and flag):
             return x
-        per_example = is_mapped(x) and not is_mapped(self.key)
-        names = axis_names(self.axis_name, axis_name, per_example)
-        if per_example and not names:
+        axes = layer_axes("Dropout", self.axis_name, axis_name, x, self.key)
+        per_example, names = axes.per_example, axes.names
+        if per_example and (axes.uncovered or not names):
             raise ValueError(_MSG_PER_EXAMPLE)
+        check_bound(axes)
         old_key = self.key
         key = next_key(self, axis_name=names)
         if self.p == 1.0:
