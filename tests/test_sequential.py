@@ -122,6 +122,16 @@ def test_bad_layers_are_named_errors():
     bn = eqx.nn.BatchNorm(3, axis_name="batch", mode="batch")
     with pytest.raises(
         TypeError,
-        match=r"layers\[0\] is BatchNorm, an Equinox stateful layer .*eqstate\.nn\.WithState",
+        match=r"layers\[0\] is eqx\.nn\.BatchNorm, an Equinox stateful layer .*eqstate\.nn\.WithState",
     ):
-        Sequential([bn])(jnp.ones((2, 3)))
+        Sequential([bn])
+    with pytest.raises(
+        TypeError,
+        match=r"layers\[1\] is eqx\.nn\.Sequential, an Equinox stateful layer \(or one holding such",
+    ):
+        Sequential([jnp.tanh, eqx.nn.Sequential([bn])])
+    seq = Sequential([jnp.tanh, BatchNorm(3).__call__])
+    with pytest.raises(
+        TypeError, match=r"layers\[1\] returned `\(y, new BatchNorm\)`.*Put the layer itself"
+    ):
+        seq(jnp.ones((2, 3)))

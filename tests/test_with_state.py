@@ -252,6 +252,10 @@ def test_bad_input_is_a_named_error():
         ValueError, match=r"1 of the model's stateful layers \(\.index\) have no entry"
     ):
         WithState(counter, other_state)
+    with pytest.raises(
+        ValueError, match=r"Linear holds no `eqx\.nn\.StateIndex`, so it keeps no state"
+    ):
+        WithState(*eqx.nn.make_with_state(eqx.nn.Linear)(2, 2, key=jr.PRNGKey(0)))
     wrapped = WithState(counter, newer)
     bad = eqx.tree_at(lambda w: w.model, wrapped, lambda x, state: x)
     with pytest.raises(

@@ -18,12 +18,28 @@ _MSG_LAYERS = (
     "Sequential(layers=...) takes a sequence of layers, such as a list, got {value!r} ({type})."
 )
 _MSG_EQX_STATEFUL = (
-    "Sequential: layers[{i}] is {cls}, an Equinox stateful layer that keeps its state in "
-    "an `eqx.nn.State`. Use eqstate's own layer (e.g. `eqstate.nn.BatchNorm`, "
-    "`eqstate.nn.SpectralNorm`), or wrap the Equinox layer with its state: "
-    "`eqstate.nn.WithState(*eqx.nn.make_with_state({cls})(...))`."
+    "Sequential: layers[{i}] is {cls}, an Equinox stateful layer (or one holding such "
+    "layers) that keeps its state in an `eqx.nn.State`. Use eqstate's own layers (e.g. "
+    "`eqstate.nn.BatchNorm`, `eqstate.nn.SpectralNorm`), or wrap the Equinox layer with "
+    "its state: `eqstate.nn.WithState(*eqx.nn.make_with_state({cls})(...))`."
+)
+_MSG_HIDDEN_PAIR = (
+    "Sequential: layers[{i}] returned `(y, new {cls})`, the pair of an eqstate layer's "
+    "mutating call, but is not itself an eqstate layer (e.g. a `functools.partial` or a "
+    "bound method of one), so its new state would be lost. Put the layer itself in the "
+    "sequence."
 )
 _MSG_INDEX = "Sequential indices must be ints or slices, got {value!r} ({type})."
+
+
+def _name(layer: Any) -> str:
+    cls = type(layer)
+    prefix = "eqx.nn." if cls.__module__.startswith("equinox") else ""
+    return prefix + cls.__qualname__
+
+
+def _eqx_stateful(layer: Any) -> bool:
+    return isinstance(layer, eqx.nn.StatefulLayer) and layer.is_stateful()
 
 
 def _takes_key(fn: Any) -> bool:
@@ -77,6 +93,8 @@ class Sequential(Module):
                 raise TypeError(
                     _MSG_NOT_CALLABLE.format(i=i, value=layer, type=type(layer).__name__)
                 )
+            if _eqx_stateful(layer):
+                raise TypeError(_MSG_EQX_STATEFUL.format(i=i, cls=_name(layer)))
         self.layers = layers
 
     @mutating
@@ -93,13 +111,15 @@ class Sequential(Module):
         new = list(self.layers)
         for i, (layer, k) in enumerate(zip(self.layers, keys)):
             call: Any = layer
-            if isinstance(layer, eqx.nn.StatefulLayer) and layer.is_stateful():
-                raise TypeError(_MSG_EQX_STATEFUL.format(i=i, cls=type(layer).__name__))
+            if _eqx_stateful(layer):
+                raise TypeError(_MSG_EQX_STATEFUL.format(i=i, cls=_name(layer)))
             kwargs = {"key": k} if k is not None and _takes_key(layer) else {}
             if isinstance(layer, Module) and is_mutating(type(layer).__call__):
                 x, new[i] = call(x, **kwargs)
             else:
                 x = call(x, **kwargs)
+                if isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], Module):
+                    raise TypeError(_MSG_HIDDEN_PAIR.format(i=i, cls=type(x[1]).__name__))
         self.layers = tuple(new)
         return x
 

@@ -18,6 +18,11 @@ _MSG_STATE = (
     "WithState(model, state): `state` must be the model's `eqx.nn.State`, got {got}. "
     "Make both with `eqstate.nn.WithState(*eqx.nn.make_with_state(Model)(...))`."
 )
+_MSG_STATELESS = (
+    "WithState(model, state): {cls} holds no `eqx.nn.StateIndex`, so it keeps no state "
+    "and needs no WithState: use it directly (as a field of an eqstate module, or in "
+    "`eqstate.nn.Sequential`)."
+)
 _MSG_STALE = (
     "WithState(model, state): this `eqx.nn.State` was already used (Equinox invalidates a "
     "state once `state.set` made a new one). Pass the newest state."
@@ -118,6 +123,11 @@ class WithState(Module):
             leaves, treedef = jtu.tree_flatten(state)
         except ValueError as err:
             raise ValueError(_MSG_STALE) from err
+        if not any(
+            isinstance(x, eqx.nn.StateIndex)
+            for x in jtu.tree_leaves(model, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex))
+        ):
+            raise ValueError(_MSG_STATELESS.format(cls=type(model).__name__))
         missing = _missing(model, state)
         if missing:
             raise ValueError(_MSG_MISSING.format(count=len(missing), where=", ".join(missing)))
