@@ -1,6 +1,7 @@
 """eqstate: stateful field kinds for Equinox modules."""
 
 from . import metrics as metrics, nn as nn
+from ._checkpoint import abstract as abstract, load as load, save as save
 from ._filters import combine as combine, filter as filter, partition as partition, spec as spec
 from ._grad import grad as grad, value_and_grad as value_and_grad
 from ._jit import RetraceWarning as RetraceWarning, jit as jit
