@@ -21,6 +21,11 @@ _MSG_NOTHING_SELECTED = (
     "inexact array."
 )
 _MAX_LISTED = 8
+_MSG_HAS_AUX = (
+    "{where}: the function returned a {what}, not a scalar loss. A loss function that "
+    "also returns something else (such as the new model) needs `has_aux=True`: "
+    "`(loss, model), grads = {where}(loss_fn, has_aux=True)(model, ...)`."
+)
 
 
 def split_differentiable(
@@ -105,7 +110,12 @@ def _value_and_grad(fn: Callable[..., Any], has_aux: bool, wrt: Filter, where: s
         diff, rest = split_differentiable(model, wrt, where)
 
         def inner(diff: Any) -> Any:
-            return fn(combine(diff, rest), *args, **kwargs)
+            out = fn(combine(diff, rest), *args, **kwargs)
+            if not has_aux and isinstance(out, (tuple, list)):
+                kinds = ", ".join(type(x).__name__ for x in out)
+                what = f"{type(out).__name__} of {len(out)} ({kinds})"
+                raise TypeError(_MSG_HAS_AUX.format(where=where, what=what))
+            return out
 
         return jax.value_and_grad(inner, has_aux=has_aux)(diff)
 

@@ -49,7 +49,8 @@ _MSG_UNBOUND = (
 
 class _Local(threading.local):
     def __init__(self):
-        self.axes: list[Hashable] = []
+        self.axes: list[Hashable] = []  # the axes layers reduce over
+        self.depth = 0  # eqstate.vmap calls being traced
 
 
 _local = _Local()
@@ -137,14 +138,15 @@ def check_bound(axes: Axes) -> None:
             raise ValueError(_MSG_UNBOUND.format(who=axes.who, name=name)) from None
 
 
-class _Axis:
-    """The name of an `eqstate.vmap` axis when the caller gives none: unique, so nested
-    maps never shadow each other."""
+class _Axis(NamedTuple):
+    """The name of an `eqstate.vmap` axis when the caller gives none: its nesting depth,
+    so nested maps never shadow each other, while equal names across calls keep JAX's
+    caches (an eager op compiles once per axis name)."""
 
-    __slots__ = ()
+    depth: int
 
     def __repr__(self) -> str:
-        return "<eqstate.vmap axis>"
+        return f"<eqstate.vmap axis {self.depth}>"
 
 
 class _Static(eqx.Module):
@@ -213,7 +215,7 @@ class Vmap(Generic[_P, _R]):
         self.fun = fun
         self.in_axes = in_axes
         self.out_axes = out_axes
-        self.axis_name = _Axis() if axis_name is None else axis_name
+        self.axis_name = axis_name
         self.axis_size = axis_size
         ft.update_wrapper(self, fun, updated=())
 
@@ -257,12 +259,13 @@ class Vmap(Generic[_P, _R]):
         in_axes = _resolve((args, kwargs), self._in_spec(args, kwargs), "in_axes")
         unmapped = jtu.tree_map(lambda a: a is None, in_axes, is_leaf=lambda a: a is None)
         static, dynamic = eqx.partition((args, kwargs), unmapped, is_leaf=lambda a: a is None)
-        # an explicitly mapped module (an ensemble) is not run per example
         if self.axis_size is None and all(
             a is None for a in jtu.tree_leaves(in_axes, is_leaf=lambda a: a is None)
         ):
             raise ValueError(_MSG_NOTHING)
+        # an explicitly mapped module (an ensemble) is not run per example
         modules_mapped = _maps_a_module((args, kwargs), in_axes)
+        name = _Axis(_local.depth) if self.axis_name is None else self.axis_name
         mapped_output: list[str] = []
         fun: Callable[..., Any] = self.fun
         default_out = self.out_axes is _DEFAULT
@@ -270,10 +273,12 @@ class Vmap(Generic[_P, _R]):
         def inner(dynamic: Any) -> Any:
             a, kw = eqx.combine(dynamic, static)
             if not modules_mapped:
-                _local.axes.append(self.axis_name)
+                _local.axes.append(name)
+            _local.depth += 1
             try:
                 out = fun(*a, **kw)
             finally:
+                _local.depth -= 1
                 if not modules_mapped:
                     _local.axes.pop()
             spec = _default_in(out) if default_out else self.out_axes
@@ -282,7 +287,7 @@ class Vmap(Generic[_P, _R]):
             kept, moved = eqx.partition(out, none, is_leaf=lambda a: a is None)
             kept_arrays, kept_static = eqx.partition(kept, eqx.is_array)
             for path, leaf in jtu.tree_leaves_with_path(kept_arrays):
-                if self.axis_name in mapped_axes(leaf):
+                if name in mapped_axes(leaf):
                     mapped_output.append(jtu.keystr(path))
             return moved, kept_arrays, _Static((kept_static, out_axes))
 
@@ -291,7 +296,7 @@ class Vmap(Generic[_P, _R]):
                 inner,
                 in_axes=(in_axes,),
                 out_axes=(0, None, None),
-                axis_name=self.axis_name,
+                axis_name=name,
                 axis_size=self.axis_size,
             )(dynamic)
         except ValueError as err:

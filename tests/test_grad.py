@@ -90,3 +90,18 @@ def test_wrt_that_selects_nothing_is_an_error(fn):
     # a one-argument Equinox filter function selects
     _, g = eqstate.value_and_grad(lambda m: m(jnp.ones(3))[0], wrt=eqx.is_inexact_array)(m)
     assert g.scale is not None and g.w is not None and g.n is None
+
+
+def test_a_forgotten_has_aux_is_named():
+    class Scale(eqstate.Module):
+        w: jax.Array
+
+    def loss_fn(model, x):
+        return jnp.sum(model.w * x), model
+
+    for transform, where in ((eqstate.value_and_grad, "value_and_grad"), (eqstate.grad, "grad")):
+        with pytest.raises(
+            TypeError,
+            match=rf"eqstate\.{where}: the function returned a tuple of 2 \(\w+, Scale\), not a scalar loss.*has_aux=True",
+        ):
+            transform(loss_fn)(Scale(jnp.ones(3)), jnp.ones(3))

@@ -434,3 +434,24 @@ def test_batch_norm_statistics_do_not_cancel(dtype, offset, scale):
     y, bn = BatchNorm(4, dtype=dtype, eps=0.0)(x.astype(dtype))
     assert y.dtype == dtype and bn.running_var.dtype == dtype
     np.testing.assert_allclose(np.std(np.asarray(y, np.float32), axis=0), 1.0, atol=0.05)
+
+
+def test_dropout_call_key_as_in_equinox():
+    drop = Dropout(0.5, key=jax.random.key(0))
+    x = jnp.ones((4, 16))
+    y1, same = drop(x, key=jax.random.key(1))
+    y2, _ = drop(x, key=jax.random.key(1))
+    y3, _ = drop(x, key=jax.random.key(2))
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(y1, y3)
+    # the stored stream does not move
+    np.testing.assert_array_equal(jax.random.key_data(same.key), jax.random.key_data(drop.key))
+    # eqstate.nn.Sequential passes its split keys on
+    seq = eqstate.nn.Sequential([Dropout(0.5, key=jax.random.key(0))])
+    a, _ = seq(x, key=jax.random.key(1))
+    b, _ = seq(x, key=jax.random.key(2))
+    assert not np.array_equal(a, b)
+    with pytest.raises(
+        TypeError, match=r"Dropout\(x, key=\.\.\.\) expects a PRNG key .* got 3 \(int\)"
+    ):
+        drop(x, key=3)

@@ -11,7 +11,7 @@ from .._convert import concrete_flag, is_key_like
 from .._kinds import Rng
 from .._module import Module
 from .._mutating import mutating
-from .._rng import next_key
+from .._rng import fold_axes, next_key
 from .._vmap import UNSET, AxisName, check_bound, layer_axes
 
 
@@ -22,6 +22,9 @@ _MSG_P_TYPE = (
 _MSG_KEY = (
     "Dropout(key=...) expects a PRNG key, got {got}. Make one from a seed: "
     "`Dropout(p, key=jax.random.key(0))` (split a key to give each layer its own)."
+)
+_MSG_CALL_KEY = (
+    "Dropout(x, key=...) expects a PRNG key (or None, to use the Dropout's own key), got {got}."
 )
 _MSG_INPUT_DTYPE = (
     "Dropout: x has dtype {dtype}, but dropout scales the kept values by 1 / (1 - p), "
@@ -86,14 +89,25 @@ class Dropout(Module):
 
     @mutating
     def __call__(
-        self, x: Array, *, inference: bool | None = None, axis_name: AxisName = UNSET
+        self,
+        x: Array,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        axis_name: AxisName = UNSET,
     ) -> Array:
         """Apply dropout to `x`; returns `(y, new_dropout)`.
 
-        `x` must be floating-point: a batch, or one example per example inside
-        `eqstate.vmap`. `inference` (or `self.inference`) may be a traced boolean, as
-        under plain `jax.jit` or in a `lax.scan` carry; both branches are then computed
-        and selected. `axis_name` overrides `self.axis_name` for this call.
+        **Arguments:**
+
+        - `x`: a floating-point batch, or one example per example inside `eqstate.vmap`.
+        - `key`: as in `eqx.nn.Dropout`, draw the masks from this key instead; the
+            stored key then does not move. (`eqstate.nn.Sequential(..., key=key)` passes
+            one.)
+        - `inference`: overrides `self.inference`. It may be a traced boolean, as under
+            plain `jax.jit` or in a `lax.scan` carry; both branches are then computed and
+            selected.
+        - `axis_name`: overrides `self.axis_name` for this call.
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
@@ -106,8 +120,10 @@ class Dropout(Module):
         if per_example and (axes.uncovered or not names):
             raise ValueError(_MSG_PER_EXAMPLE)
         check_bound(axes)
+        if key is not None and not is_key_like(key):
+            raise TypeError(_MSG_CALL_KEY.format(got=_describe(key)))
         old_key = self.key
-        key = next_key(self, axis_name=names)
+        key = next_key(self, axis_name=names) if key is None else fold_axes(key, names)
         if self.p == 1.0:
             y = jnp.zeros_like(x)
         else:
