@@ -138,12 +138,22 @@ def check_bound(axes: Axes) -> None:
             raise ValueError(_MSG_UNBOUND.format(who=axes.who, name=name)) from None
 
 
-class _Axis(NamedTuple):
+class _Axis:
     """The name of an `eqstate.vmap` axis when the caller gives none: its nesting depth,
     so nested maps never shadow each other, while equal names across calls keep JAX's
-    caches (an eager op compiles once per axis name)."""
+    caches (an eager op compiles once per axis name). Not a tuple: JAX reads a tuple
+    axis name as several axes."""
 
-    depth: int
+    __slots__ = ("depth",)
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Axis) and other.depth == self.depth
+
+    def __hash__(self) -> int:
+        return hash((_Axis, self.depth))
 
     def __repr__(self) -> str:
         return f"<eqstate.vmap axis {self.depth}>"
