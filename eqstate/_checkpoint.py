@@ -6,6 +6,7 @@ shape, dtype) and a checksum over the whole file. It is written atomically: to a
 temporary file in the same directory, flushed and fsynced, then renamed over the target.
 """
 
+import glob
 import hashlib
 import io
 import json
@@ -138,32 +139,43 @@ _PYTHON = {"bool": bool, "int": int, "float": float, "complex": complex}
 
 
 def _stored(entry: dict[str, Any]) -> Any:
-    """What `eqx.tree_deserialise_leaves` reads for `entry`: a Python number, or an
-    array (a key's raw data)."""
+    """What `eqx.tree_deserialise_leaves` reads for `entry`: a Python number, or a NumPy
+    array (a key's raw data), here a zero-memory stand-in of its shape and dtype."""
     if "python" in entry:
         return _PYTHON[entry["python"]]()
-    if "key_impl" in entry:
-        return jax.ShapeDtypeStruct(tuple(entry["data_shape"]), np.uint32)
-    return jax.ShapeDtypeStruct(tuple(entry["shape"]), np.dtype(entry["dtype"]))
+    dtype = np.dtype(np.uint32 if "key_impl" in entry else entry["dtype"])
+    shape = tuple(entry["data_shape"] if "key_impl" in entry else entry["shape"])
+    return np.broadcast_to(np.zeros((), dtype), shape)
 
 
 def _read_leaf(entry: dict[str, Any]) -> Callable[[Any, Any], Any]:
-    def read(f: Any, _: Any) -> Any:
+    def read(f: Any, like: Any) -> Any:
         value = np.load(f, allow_pickle=False)
         if "python" in entry:
             return _PYTHON[entry["python"]](value)
-        dtype = np.dtype(np.uint32 if "key_impl" in entry else entry["dtype"])
-        if value.dtype != dtype:  # NumPy stores bfloat16, float8, ... as raw bytes
-            value = value.view(dtype)
-        return jnp.asarray(value)
+        if value.dtype != like.dtype:  # NumPy stores bfloat16, float8, ... as raw bytes
+            value = value.view(like.dtype)
+        return value
 
     return read
 
 
-def _value(entry: dict[str, Any], stored: Any) -> Any:
+def _value(entry: dict[str, Any], stored: Any, like: Any) -> Any:
+    """The loaded leaf: a key, a NumPy array where `like` has one (writeable, any
+    dtype), else a JAX array on `like`'s devices."""
+    if "python" in entry:
+        return stored
     if "key_impl" in entry:
-        return jax.random.wrap_key_data(stored, impl=entry["key_impl"])
-    return stored
+        value = jax.random.wrap_key_data(jnp.asarray(stored), impl=entry["key_impl"])
+    elif isinstance(like, (np.ndarray, np.generic)):
+        return np.array(stored)
+    else:
+        value = jnp.asarray(stored)
+        if getattr(like, "weak_type", False) and value.shape == ():
+            weak = jnp.asarray(value.item())  # as a Python number would give it
+            value = weak if weak.dtype == value.dtype else value
+    sharding = getattr(like, "sharding", None)
+    return value if sharding is None else jax.device_put(value, sharding)
 
 
 def _check_path(path: Any, fn: str) -> pathlib.Path:
@@ -221,17 +233,46 @@ def _filters_text(filters: tuple) -> str:
     return ", ".join(describe(f) for f in filters) if filters else "none (every leaf)"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux), else the usual 0o022."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     directory = path.parent if str(path.parent) else pathlib.Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(_MSG_NO_DIR.format(dir=str(directory), path=str(path)))
-    for stale in directory.glob(f".{path.name}.*{_TMP_SUFFIX}"):  # left by a crash
-        stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=directory)
+    # temporary files are `.<name>.<pid>.<random>.eqstate-tmp`; those of writers that
+    # died (a crash mid-save) are removed, those of live ones (a concurrent save) kept
+    stem = "." + path.name[:200]
+    for stale in directory.glob(glob.escape(stem) + ".*" + _TMP_SUFFIX):
+        pid = stale.name[len(stem) + 1 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f"{stem}.{os.getpid()}.", suffix=_TMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -357,9 +398,10 @@ def load(path: str | os.PathLike, like: _T, *filters: Filter) -> _T:
             filter_spec=[_read_leaf(e) for e in saved],
         )
     except (ValueError, RuntimeError, EOFError) as err:  # a header that lies
-        raise ValueError(_MSG_CORRUPT.format(path=str(source), why=str(err))) from err
+        why = str(err).rstrip(".")
+        raise ValueError(_MSG_CORRUPT.format(path=str(source), why=why)) from err
     out = [
-        _placed(_value(saved[by_path[pth]], stored[by_path[pth]]), x) if w else x
+        _value(saved[by_path[pth]], stored[by_path[pth]], x) if w else x
         for pth, x, w in zip(paths, leaves, want)
     ]
     return p.treedef.unflatten(out)
@@ -369,16 +411,6 @@ def _comparable(entry: dict[str, Any]) -> tuple:
     return tuple(entry.get(k) for k in ("kind", "shape", "dtype", "python"))
 
 
-def _placed(value: Any, like: Any) -> Any:
-    """`value` on the devices of `like` (an array or `ShapeDtypeStruct` with a sharding)."""
-    sharding = getattr(like, "sharding", None)
-    if isinstance(value, jax.Array) and sharding is not None:
-        return jax.device_put(value, sharding)
-    if isinstance(like, np.ndarray | np.generic) and isinstance(value, jax.Array):
-        return np.asarray(value)
-    return value
-
-
 def abstract(tree: _T) -> _T:
     """`tree` with each array replaced by a `jax.ShapeDtypeStruct` (shape, dtype and
     sharding), everything else kept as it is: the `like` for `eqstate.load` (or an
@@ -386,12 +418,15 @@ def abstract(tree: _T) -> _T:
 
     Unlike `jax.eval_shape(make_model)`, static settings, `inference` flags and Python
     numbers stay Python values, so a restored model has the structure (and kinds) of a
-    freshly built one and a jitted step does not compile again.
+    freshly built one and a jitted step does not compile again. (For orbax, restore into
+    the arrays and numbers of it, e.g. `eqx.filter(eqstate.abstract(tree), ...)`, and
+    `eqx.combine` the result with `tree`: orbax stores no functions; see the README.)
     """
 
     def one(x: Any) -> Any:
         if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            weak = bool(getattr(x, "weak_type", False))
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=weak)
         if isinstance(x, (np.ndarray, np.generic)):
             return jax.ShapeDtypeStruct(x.shape, x.dtype)
         return x

@@ -286,3 +286,66 @@ def test_property_round_trip(tmp_path_factory, shapes, dtype, seed):
     path = tmp_path_factory.mktemp("p") / "t.eqs"
     eqstate.save(path, tree)
     assert bits(eqstate.load(path, eqstate.abstract(tree))) == bits(tree)
+
+
+def test_numpy_leaves_keep_their_dtype_and_stay_writeable(tmp_path):
+    tree = {
+        "f64": np.linspace(0, 1, 3),
+        "i64": np.arange(3, dtype=np.int64),
+        "f32": np.ones(2, np.float32),
+    }
+    path = tmp_path / "np.eqs"
+    eqstate.save(path, tree)
+    back = eqstate.load(path, tree)
+    for k, v in tree.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
+        assert back[k].flags.writeable
+
+
+def test_file_permissions_follow_the_umask_and_the_old_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "perm.eqs"
+        eqstate.save(path, fresh()[0])
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        eqstate.save(path, fresh()[0])
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_odd_names_and_leftovers(tmp_path):
+    # glob characters in the name, and a leftover of a dead writer: removed
+    path = tmp_path / "ckpt[1]*.eqs"
+    dead = tmp_path / ".ckpt[1]*.eqs.999999999.abcd.eqstate-tmp"
+    dead.write_bytes(b"partial")
+    other = tmp_path / ".other.eqs.999999999.abcd.eqstate-tmp"
+    other.write_bytes(b"partial")
+    live = tmp_path / f".ckpt[1]*.eqs.{os.getpid()}.abcd.eqstate-tmp"  # a concurrent save
+    live.write_bytes(b"in progress")
+    eqstate.save(path, fresh()[0])
+    assert not dead.exists() and other.exists() and live.exists()
+    assert bits(eqstate.load(path, fresh()[0])) == bits(fresh()[0])
+    # a long (valid) name
+    long = tmp_path / ("x" * 240)
+    eqstate.save(long, fresh()[0])
+    assert bits(eqstate.load(long, fresh()[0])) == bits(fresh()[0])
+
+
+def test_weak_scalars_come_back_weak(tmp_path):
+    class Scale(eqstate.Module):
+        s: jax.Array
+
+        def __call__(self, x):
+            return self.s * x
+
+    model = Scale(jnp.asarray(2.0))  # weakly typed, as a Python number makes it
+    step = eqstate.jit(lambda m, x: m(x), max_traces=1)
+    step(model, jnp.ones(3))
+    path = tmp_path / "weak.eqs"
+    eqstate.save(path, model)
+    for like in (model, eqstate.abstract(model)):
+        back = eqstate.load(path, like)
+        assert back.s.weak_type
+        step(back, jnp.ones(3))
