@@ -1,6 +1,7 @@
 """`labels`: kinds (and other filters) to the labels of `optax.multi_transform` and the
 masks of `optax.masked`, as a function of the parameters' tree."""
 
+import enum
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -24,7 +25,16 @@ _MSG_UNMATCHED = (
     "{filters}, and no `default=` was given. Add a filter that matches it, or pass "
     "`default=` the label of every other leaf."
 )
-_NO_DEFAULT: Any = object()
+
+
+class _Missing(enum.Enum):
+    """No `default=` given. An Enum member, not a bare `object()`: the label function
+    reads it, and optimizer settings compare by value only over such values."""
+
+    NO_DEFAULT = enum.auto()
+
+
+_NO_DEFAULT: Any = _Missing.NO_DEFAULT
 
 
 def labels(

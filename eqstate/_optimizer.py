@@ -111,10 +111,15 @@ class Optimizer(Module):
     **Fields:**
 
     - `tx`: the optax transformation (static). It compares by its settings: its
-        functions are equal when they have the same code, defaults and closure contents
-        (numbers and strings by value, concrete arrays by contents, anything else by
-        identity), so an optimizer rebuilt with the same settings (re-running
-        `eqstate.Optimizer(optax.adam(1e-3), model)`) does not recompile a jitted step.
+        functions are equal when they have the same code, defaults, closure contents and
+        the same values of the globals they read (numbers by type and bits, arrays by
+        kind, dtype, weak type and contents), so an optimizer rebuilt with the same
+        settings (re-running `eqstate.Optimizer(optax.adam(1e-3), model)`) does not
+        recompile a jitted step. A function that reaches anything else (an object of
+        your own class, say) compares by identity as a whole: rebuilt, it compiles
+        again. The settings are read when first needed: at the first step, or at an
+        earlier comparison (a setting changed between that and the first step is an
+        error that names it).
     - `wrt`: the filter selecting the updated leaves (static).
     - `opt_leaves`: the leaves of optax's state (`OptState`), stored flat so that a
         jitted step does not rebuild copies of the model's structure for it.
