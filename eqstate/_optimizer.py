@@ -73,13 +73,17 @@ class _Shapes:
     leaves (`None` counted as a leaf).
 
     A static field, hence part of every jit cache key: it is hashed once, and copies of
-    an optimizer share it, so comparing two of them is an identity check.
+    an optimizer share it, so comparing two of them is an identity check. `treedef` (the
+    model's structure, not compared) names a leaf that changed in a retrace message.
     """
 
-    __slots__ = ("_hash", "entries")
+    __slots__ = ("_hash", "entries", "treedef")
 
-    def __init__(self, entries: tuple[tuple[tuple[int, ...], Any] | None, ...]):
+    def __init__(
+        self, entries: tuple[tuple[tuple[int, ...], Any] | None, ...], treedef: Any = None
+    ):
         self.entries = entries
+        self.treedef = treedef
         self._hash = hash(entries)
 
     def __hash__(self) -> int:
@@ -95,6 +99,37 @@ class _Shapes:
     def __repr__(self) -> str:
         n = sum(e is not None for e in self.entries)
         return f"<shapes and dtypes of {n} leaves>"
+
+    def explain_change(self, new: "_Shapes") -> str | None:
+        """For a retrace message: the first optimised leaf whose shape or dtype differs
+        in `new`, by its path in the model."""
+        old_n, new_n = len(self.entries), len(new.entries)
+        if old_n != new_n:
+            return (
+                f"the optimizer was built for a model of {new_n} leaves, the previous one "
+                f"for a model of {old_n} (counting None)"
+            )
+        for i, (a, b) in enumerate(zip(self.entries, new.entries)):
+            if a != b:
+                where = _treedef_path(new.treedef, i)
+                return (
+                    f"the optimised leaf at {where} is {_entry(b)}, was {_entry(a)} (the "
+                    "optimizer was built for a model of other shapes or dtypes)"
+                )
+        return None
+
+
+def _entry(e: tuple[tuple[int, ...], Any] | None) -> str:
+    return "not optimised" if e is None else f"{e[1]}{list(e[0])}"
+
+
+def _treedef_path(treedef: Any, index: int) -> str:
+    """The key path of leaf `index` of a tree of structure `treedef`."""
+    try:
+        tree = treedef.unflatten(range(treedef.num_leaves))
+        return jtu.keystr(jtu.tree_flatten_with_path(tree)[0][index][0]) or "the root"
+    except Exception:  # a node that cannot be rebuilt with placeholder leaves
+        return f"leaf {index}"
 
 
 _NO_MODEL: Any = object()
@@ -193,11 +228,12 @@ class Optimizer(Module):
         params, _ = split_differentiable(model, wrt, "eqstate.Optimizer", "optimise")
         leaves, self.opt_def = jtu.tree_flatten(_unaliased(tx.init(params), params))
         self.opt_leaves = tuple(leaves)
+        p_leaves, p_def = jtu.tree_flatten(params, is_leaf=is_none)
         self.shapes = _Shapes(
             tuple(
-                None if p is None else (tuple(p.shape), canonical_dtype(p.dtype))
-                for p in jtu.tree_leaves(params, is_leaf=is_none)
-            )
+                None if p is None else (tuple(p.shape), canonical_dtype(p.dtype)) for p in p_leaves
+            ),
+            p_def,
         )
         self.step = jnp.zeros((), jnp.int32)
 

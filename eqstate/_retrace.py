@@ -3,6 +3,7 @@ dtype or static value changed between two calls, in words, on one line of bounde
 (a static field of a module is named by its path, `args[1].tx`; long values are cut to
 where they differ)."""
 
+import contextlib
 import dataclasses
 import re
 from collections.abc import Callable
@@ -71,7 +72,22 @@ def _change(x: Any, y: Any) -> str:
     special = explain_difference(x, y)
     if special is not None:
         return special
+    explain_change = getattr(x, "explain_change", None)  # e.g. an optimizer's shapes
+    if type(x) is type(y) and callable(explain_change):
+        text = None
+        with contextlib.suppress(Exception):
+            text = explain_change(y)
+        if isinstance(text, str) and text:
+            return text
     a, b = _text(x), _text(y)
+    if a == b:  # equal-looking, so say why they differ
+        why = (
+            "compared by identity: a rebuilt one is a new object, even with the same contents"
+            if type(x).__eq__ is object.__eq__
+            else "its == says they differ"
+        )
+        shown = b if len(b) <= _SHORT else f"{b[: _SHORT - 1]}…"
+        return f"another {type(y).__name__} that looks the same, {shown} ({why})"
     if len(a) <= _SHORT and len(b) <= _SHORT:
         return f"from {a} to {b}"
     kind = type(x).__name__ if type(x) is type(y) else f"{type(x).__name__} -> {type(y).__name__}"
