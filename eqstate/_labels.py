@@ -25,6 +25,11 @@ _MSG_UNMATCHED = (
     "{filters}, and no `default=` was given. Add a filter that matches it, or pass "
     "`default=` the label of every other leaf."
 )
+_MSG_SHADOWED = (
+    "eqstate.labels(mapping): no leaf can get the label {label!r} of {later}: {why}. Each "
+    "leaf gets the label of the first filter it matches, in the dict's order; put the "
+    "more specific filter first: `{{{order}}}`."
+)
 
 
 class _Missing(enum.Enum):
@@ -54,7 +59,9 @@ def labels(
     - `mapping`: a dict from filters to labels. A filter is as for `eqstate.filter`: a
         kind (matching array leaves of that kind or a subclass), `...`, a callable
         `(path, kind, leaf) -> bool` or `leaf -> bool`, or a tuple of these. Each leaf
-        gets the label of the first filter it matches, in the dict's order.
+        gets the label of the first filter it matches, in the dict's order, so a kind
+        goes before its base class: `{NoDecay: False, eqstate.Param: True}` (the other
+        order, where `NoDecay` could never decide a label, is an error).
     - `default`: the label of leaves that match no filter. Without it, such a leaf is
         an error that names it.
 
@@ -93,6 +100,7 @@ def labels(
     values = tuple(mapping.values())
     for f in filters:
         _compile(f, "eqstate.labels(mapping)")  # a clear error now, not inside optax
+    _check_reachable(mapping)
 
     def label_fn(tree: Any) -> Any:
         leaves, p = plan(tree)
@@ -121,3 +129,59 @@ def _describe(x: Any) -> str:
     if eqx.is_array(x):
         return f"{x.dtype}{list(x.shape)}"
     return f"a {type(x).__name__}"
+
+
+def _kinds(f: Any) -> list[Any] | None:
+    """The kinds (and `...`) a filter is made of, tuples opened; `None` if it holds a
+    callable (which may match anything)."""
+    if isinstance(f, tuple):
+        parts = [_kinds(g) for g in f]
+        return None if any(p is None for p in parts) else [k for p in parts for k in p or ()]
+    return [f] if f is ... or isinstance(f, type) else None
+
+
+def _shadows(earlier: Any, kind: Any) -> bool:
+    return earlier is ... or (kind is not ... and issubclass(kind, earlier))
+
+
+def _check_reachable(mapping: Mapping[Any, Any]) -> None:
+    """Refuse a filter of kinds that earlier kinds (or `...`) all match first: a
+    subclass listed after its base class never gets its label (`{Param: True,
+    NoDecay: False}`)."""
+    items = list(mapping.items())
+    for j, (later, label) in enumerate(items):
+        kinds = _kinds(later)
+        if not kinds:
+            continue
+        reasons, first = [], j
+        for kind in kinds:
+            i, base = next(
+                (
+                    (i, e)
+                    for i, (f, _) in enumerate(items[:j])
+                    for e in _kinds(f) or ()
+                    if _shadows(e, kind)
+                ),
+                (None, None),
+            )
+            if i is None:
+                break  # this kind can still decide a label
+            first = min(first, i)
+            f = items[i][0]
+            where = "which comes before it" if f is base else f"in {describe(f)}, before it"
+            if base is ...:
+                reasons.append("... matches every leaf, and comes before it")
+            elif base is kind:
+                reasons.append(f"{describe(kind)} is also in {describe(f)}, before it")
+            else:
+                reasons.append(f"{describe(kind)} is a subclass of {describe(base)}, {where}")
+        else:
+            order = [*items[:first], items[j], *items[first:j], *items[j + 1 :]]
+            raise ValueError(
+                _MSG_SHADOWED.format(
+                    label=label,
+                    later=describe(later),
+                    why="; ".join(dict.fromkeys(reasons)),
+                    order=", ".join(f"{describe(f)}: {v!r}" for f, v in order),
+                )
+            )
