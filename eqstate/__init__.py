@@ -25,6 +25,7 @@ from ._mutating import (
 from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
 from ._rng import next_key as next_key
+from ._shard import place as place, shardings as shardings
 from ._vmap import vmap as vmap
 
 
