@@ -2,6 +2,7 @@
 
 from . import metrics as metrics, nn as nn
 from ._checkpoint import abstract as abstract, load as load, save as save
+from ._display import diff as diff, summary as summary
 from ._filters import combine as combine, filter as filter, partition as partition, spec as spec
 from ._grad import grad as grad, value_and_grad as value_and_grad
 from ._jit import RetraceWarning as RetraceWarning, jit as jit
@@ -24,6 +25,7 @@ from ._mutating import (
 )
 from ._optimizer import Optimizer as Optimizer
 from ._resolve import kinds as kinds
+from ._result import result as result
 from ._rng import next_key as next_key
 from ._shard import place as place, shardings as shardings
 from ._vmap import vmap as vmap

@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 
 from ._filters import Filter, combine, describe, select
 from ._kinds import Param
+from ._parallel import device_mean
 from ._resolve import plan
 
 
@@ -85,6 +86,10 @@ def value_and_grad(
         constant. A `wrt` that matches no inexact-array leaf of the model is an error
         (the gradient would be silently empty).
 
+    Under `eqstate.data_parallel`, a loss that differs between devices (each device's
+    mean over its shard) is first averaged over them (`jax.lax.pmean`): the value and the
+    gradient are those of the whole batch, the same on every device.
+
     **Returns:**
 
     A function with the signature of `fn` returning `(value, grads)`, where `value` is
@@ -115,6 +120,12 @@ def _value_and_grad(fn: Callable[..., Any], has_aux: bool, wrt: Filter, where: s
                 kinds = ", ".join(type(x).__name__ for x in out)
                 what = f"{type(out).__name__} of {len(out)} ({kinds})"
                 raise TypeError(_MSG_HAS_AUX.format(where=where, what=what))
+            # under eqstate.data_parallel, the loss of the whole batch: the mean over
+            # devices (a device's own loss would give the sum of their gradients)
+            if not has_aux:
+                return device_mean(out)
+            if isinstance(out, (tuple, list)) and len(out) == 2:
+                return device_mean(out[0]), out[1]
             return out
 
         return jax.value_and_grad(inner, has_aux=has_aux)(diff)

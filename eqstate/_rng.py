@@ -7,7 +7,7 @@ import jax
 
 from ._draft import drafts, frame_of
 from ._module import Module, _rng_fields
-from ._vmap import UNSET, layer_axes
+from ._vmap import UNSET, device_axes, layer_axes
 
 
 _MSG_NOT_DRAFT = (
@@ -55,7 +55,9 @@ def next_key(
     - `axis_name`: a mapped axis name (or several) of `vmap`, `pmap` or `shard_map`. The
         subkey is folded with the index along each, giving a different stream per
         example or device while the stored key stays in step everywhere. Called per
-        example inside `eqstate.vmap`, the mapped axes are used without it.
+        example inside `eqstate.vmap`, the mapped axes are used without it; under
+        `eqstate.data_parallel`, the device axis too (per example, the index is the
+        example's index in the whole batch, so the numbers are those of one device).
 
     Typed keys (`jax.random.key`) and raw `uint32` keys (`jax.random.PRNGKey`) both work;
     the subkey is of the same kind as the stored key.
@@ -92,7 +94,30 @@ def next_key(
 
 
 def fold_axes(key: jax.Array, names: tuple[Hashable, ...]) -> jax.Array:
-    """`key` folded with the index along each mapped axis in `names`, in order."""
-    for n in names:
+    """`key` folded with the index along each mapped axis in `names`, in order.
+
+    The device axes of `eqstate.data_parallel` among them are not folded one by one:
+    with an example axis, the first example axis is folded with the example's index in
+    the whole batch (its shard's offset plus its index in the shard, as one device with
+    the whole batch would fold it); without one, with the device's index.
+    """
+    devices = tuple(n for n in names if n in device_axes())
+    rest = [n for n in names if n not in devices]
+    if devices:
+        index = device_index(devices)
+        if rest:
+            first = rest.pop(0)
+            index = index * jax.lax.psum(1, first) + jax.lax.axis_index(first)
+        key = jax.random.fold_in(key, index)
+    for n in rest:
         key = jax.random.fold_in(key, jax.lax.axis_index(n))
     return key
+
+
+def device_index(names: tuple[Hashable, ...]) -> jax.Array:
+    """This device's index along the mesh axes `names` taken together (row-major), the
+    index of its shard of a batch split over them."""
+    index = jax.lax.axis_index(names[0])
+    for n in names[1:]:
+        index = index * jax.lax.psum(1, n) + jax.lax.axis_index(n)
+    return index

@@ -51,6 +51,7 @@ class _Local(threading.local):
     def __init__(self):
         self.axes: list[Hashable] = []  # the axes layers reduce over
         self.depth = 0  # eqstate.vmap calls being traced
+        self.devices: list[Hashable] = []  # mesh axes eqstate.data_parallel splits over
 
 
 _local = _Local()
@@ -60,6 +61,12 @@ def bound_axes() -> tuple[Hashable, ...]:
     """The axis names of the `eqstate.vmap` calls being traced (that map examples, the
     modules unmapped), outermost first."""
     return tuple(_local.axes)
+
+
+def device_axes() -> tuple[Hashable, ...]:
+    """The mesh axes of the `eqstate.data_parallel` calls being traced, over which the
+    batch is split (layers reduce over them too, but the calls are not per example)."""
+    return tuple(_local.devices)
 
 
 class _Unset:
@@ -113,19 +120,22 @@ class Axes(NamedTuple):
     uncovered: bool  # per example along an axis that has no name to reduce over
     explicit: tuple[Hashable, ...]  # the layer's own (or the call's) axis names
     who: str  # the layer, for messages
+    devices: tuple[Hashable, ...] = ()  # the device axes among `names`
 
 
 def layer_axes(who: str, own: AxisName, given: Any, inputs: Any, state: Any) -> Axes:
     """The axes a layer reduces over: those of the enclosing `eqstate.vmap` calls along
-    which its state is not mapped, then its own `axis_name` (or the call's, `given`)."""
+    which its state is not mapped, the device axes of `eqstate.data_parallel`, then its
+    own `axis_name` (or the call's, `given`)."""
     explicit = _as_names(own if given is UNSET else given)
     state_axes = mapped_axes(state)
     visible = mapped_axes(inputs) - state_axes
     bound = tuple(a for a in _local.axes if a not in state_axes)
-    names = bound + tuple(n for n in explicit if n not in bound)
+    devices = tuple(a for a in _local.devices if a not in bound)
+    names = bound + devices + tuple(n for n in explicit if n not in bound + devices)
     unnamed = visible - set(names)
     uncovered = bool(unnamed - {_UNKNOWN}) or (_UNKNOWN in unnamed and not names)
-    return Axes(bool(visible or bound), names, uncovered, explicit, who)
+    return Axes(bool(visible or bound), names, uncovered, explicit, who, devices)
 
 
 def check_bound(axes: Axes) -> None:

@@ -12,6 +12,8 @@ from .._filters import check_same_structure, combine, filter as filter_
 from .._kinds import State
 from .._module import Module
 from .._mutating import mutating
+from .._parallel import device_count, device_sum, varying_devices
+from .._vmap import device_axes
 
 
 _MSG_PUT_BACK = (
@@ -50,6 +52,11 @@ class Metric(Module):
     which must be a sum over batches. Counts are best kept as integers (exact up to
     2**31 - 1); float32 stops counting at 2**24.
 
+    Under `eqstate.data_parallel`, `Mean` and `Accuracy` add up the batches of every
+    device (`update` sums over the devices what differs between them). A subclass does
+    the same by wrapping what it adds in `jax.lax.psum(..., axis_name)`; otherwise
+    returning it is an error, never device 0's value.
+
     A metric's `update` accumulates a batch; it is not `eqstate.Module.update`. To put a
     saved tree back into a metric, use `eqstate.update(metric, tree)`.
     """
@@ -87,9 +94,18 @@ class Metric(Module):
         return combine(jtu.tree_map(jnp.add, mine, theirs), self)
 
     def all_reduce(self, axis_name: Hashable) -> Self:
-        """Sum the totals across a mapped axis (`pmap`, `shard_map`, `vmap` axis name)."""
-        summed = jtu.tree_map(lambda x: jax.lax.psum(x, axis_name), filter_(self, State))
-        return combine(summed, self)
+        """Sum the totals across a mapped axis (`pmap`, `shard_map`, `vmap` axis name).
+
+        Under `eqstate.data_parallel`, whose metrics already add up every device's
+        batches, totals that are the same on every device are left as they are.
+        """
+
+        def one(x: Array) -> Array:
+            if axis_name in device_axes() and axis_name not in varying_devices(x):
+                return x
+            return jax.lax.psum(x, axis_name)
+
+        return combine(jtu.tree_map(one, filter_(self, State)), self)
 
 
 _MSG_WEIGHTS = (
@@ -151,12 +167,12 @@ class Mean(Metric):
         values = jnp.asarray(_pick(self, values, kwargs, self.argname))
         values = values.astype(jnp.promote_types(values.dtype, jnp.float32))
         if weights is None:
-            self.total += jnp.sum(values)
-            self.count += values.size
+            self.total += device_sum(jnp.sum(values))
+            self.count += values.size * device_count(values)
         else:
             w = _per_example(weights, values.shape, type(self).__name__).astype(values.dtype)
-            self.total += jnp.sum(values * w)
-            self.weight += jnp.sum(w)
+            self.total += device_sum(jnp.sum(values * w))
+            self.weight += device_sum(jnp.sum(w))
 
     def compute(self) -> Array:
         """`total / (count + weight)`, float32 (NaN before any update)."""
@@ -220,12 +236,12 @@ class Accuracy(Metric):
             )
         hits = preds.astype(jnp.int32) == labels.astype(jnp.int32)  # no narrow wrap-around
         if weights is None:
-            self.correct += jnp.sum(hits, dtype=jnp.int32)
-            self.count += labels.size
+            self.correct += device_sum(jnp.sum(hits, dtype=jnp.int32))
+            self.count += labels.size * device_count(hits)
         else:
             w = _per_example(weights, labels.shape, "Accuracy").astype(jnp.float32)
-            self.weighted_correct += jnp.sum(jnp.where(hits, w, 0.0))
-            self.weight += jnp.sum(w)
+            self.weighted_correct += device_sum(jnp.sum(jnp.where(hits, w, 0.0)))
+            self.weight += device_sum(jnp.sum(w))
 
     def compute(self) -> Array:
         """`(correct + weighted_correct) / (count + weight)`, float32 (NaN before any

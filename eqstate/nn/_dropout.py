@@ -11,7 +11,7 @@ from .._convert import concrete_flag, is_key_like
 from .._kinds import Rng
 from .._module import Module
 from .._mutating import mutating
-from .._rng import fold_axes, next_key
+from .._rng import device_index, fold_axes, next_key
 from .._vmap import UNSET, AxisName, check_bound, layer_axes
 
 
@@ -51,7 +51,9 @@ class Dropout(Module):
     On a batch, row `i` (along the leading axis) gets the mask that example `i` gets per
     example inside `eqstate.vmap(model)(xs)`, so both styles give the same numbers. Under
     `axis_name` (e.g. devices under `shard_map`), each index along it draws its own
-    masks while the stored key stays in step.
+    masks while the stored key stays in step. Under `eqstate.data_parallel`, each row
+    draws the mask of its row in the whole batch: the masks differ between devices and
+    are those of one device with the whole batch.
     """
 
     key: PRNGKeyArray = Rng.field()
@@ -123,20 +125,40 @@ class Dropout(Module):
         if key is not None and not is_key_like(key):
             raise TypeError(_MSG_CALL_KEY.format(got=_describe(key)))
         old_key = self.key
+        rows = not per_example and x.ndim > 0
+        # a batch split over devices (eqstate.data_parallel): row i of shard d is row
+        # d * n + i of the whole batch, and draws that row's mask
+        devices = axes.devices if rows else ()
+        names = tuple(n for n in names if n not in devices)
         key = next_key(self, axis_name=names) if key is None else fold_axes(key, names)
         if self.p == 1.0:
             y = jnp.zeros_like(x)
         else:
-            if per_example or x.ndim == 0:
+            if not rows:
                 keep = jax.random.bernoulli(key, 1.0 - self.p, x.shape)
             else:  # row i as example i would draw it per example
-                rows = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x.shape[0]))
-                keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.p, x.shape[1:]))(rows)
+                index = jnp.arange(x.shape[0])
+                if devices:
+                    index = index + device_index(devices) * x.shape[0]
+                keys = jax.vmap(jax.random.fold_in, (None, 0))(key, index)
+                keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - self.p, x.shape[1:]))(keys)
+                keep = _sharded_like(keep, x)
             y = jnp.where(keep, x / jnp.asarray(1.0 - self.p, x.dtype), jnp.zeros_like(x))
         if isinstance(flag, bool):
             return y
         self.key = jnp.where(flag, old_key, self.key)
         return jnp.where(flag, x, y)
+
+
+def _sharded_like(keep: Array, x: Array) -> Array:
+    """`keep` with the sharding of `x` where its type carries one (a batch split over the
+    explicit axes of a mesh, `jax.make_mesh`'s default), which `jnp.where` requires."""
+    typeof = getattr(jax, "typeof", None)  # JAX 0.4.36 and newer
+    sharding = getattr(typeof(x), "sharding", None) if typeof is not None else None
+    spec = getattr(sharding, "spec", None)
+    if sharding is None or not spec or all(e is None for e in spec):
+        return keep
+    return jax.sharding.reshard(keep, sharding)
 
 
 def _describe(x: Any) -> str:
