@@ -24,6 +24,7 @@ from ._mutating import (
     mutating as mutating,
 )
 from ._optimizer import Optimizer as Optimizer
+from ._parallel import data_parallel as data_parallel
 from ._resolve import kinds as kinds
 from ._result import result as result
 from ._rng import next_key as next_key
