@@ -204,6 +204,18 @@ def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
 
     The file carries a header naming each saved leaf (path, kind, shape and dtype), the
     eqstate version, and a checksum, which `eqstate.load` checks.
+
+    **Returns:**
+
+    `None`.
+
+    !!! example
+
+        ```python
+        opt = eqstate.Optimizer(optax.adam(1e-3), model)
+        eqstate.save("ckpt.eqs", (model, opt))
+        eqstate.save("stats.eqs", model, eqstate.BatchStat)  # the running statistics only
+        ```
     """
     target = _check_path(path, "save")
     leaves, _, paths, keep = _selected(tree, filters, "eqstate.save")
@@ -347,6 +359,15 @@ def load(path: str | os.PathLike, like: _T, *filters: Filter) -> _T:
     `ValueError` naming the first path where the checkpoint and `like` differ (structure,
     shape, dtype or kind), and for a damaged, truncated or foreign file; nothing is
     returned half-loaded.
+
+    !!! example
+
+        ```python
+        eqstate.save("ckpt.eqs", (model, opt))
+        model, opt = eqstate.load("ckpt.eqs", (model, opt))  # into freshly built objects
+        model, opt = eqstate.load("ckpt.eqs", eqstate.abstract((model, opt)))  # or shapes
+        model, _ = eqstate.load("ckpt.eqs", (model, None))  # the model alone
+        ```
     """
     source = _check_path(path, "load")
     header, payload = _read(source)
@@ -421,6 +442,23 @@ def abstract(tree: _T) -> _T:
     freshly built one and a jitted step does not compile again. (For orbax, restore into
     the arrays and numbers of it, e.g. `eqx.filter(eqstate.abstract(tree), ...)`, and
     `eqx.combine` the result with `tree`: orbax stores no functions; see the README.)
+
+    **Arguments:**
+
+    - `tree`: any pytree: models, optimizers, metrics, arrays (JAX or NumPy).
+
+    **Returns:**
+
+    A tree of `tree`'s structure, with a `jax.ShapeDtypeStruct` (keeping the weak type
+    and, for JAX arrays, the sharding) in place of each array.
+
+    !!! example
+
+        ```python
+        eqstate.save("ckpt.eqs", model)
+        like = eqstate.abstract(model)  # allocates nothing
+        model = eqstate.load("ckpt.eqs", like)
+        ```
     """
 
     def one(x: Any) -> Any:

@@ -247,6 +247,16 @@ def spec(tree: _T, *filters: Filter) -> _T:
 
     Usable as the `filter_spec` of `eqx.partition` / `eqx.filter`.
 
+    **Arguments:**
+
+    - `tree`: any pytree, usually an `eqstate.Module`.
+    - `*filters`: kinds, tuples of filters, `...`, or callables `(path, kind, leaf) -> bool`
+        or `leaf -> bool`, as for `eqstate.filter`.
+
+    **Returns:**
+
+    A pytree with the structure of `tree` holding a `bool` at every leaf.
+
     !!! example
 
         ```python
@@ -334,6 +344,13 @@ def combine(*trees: _T) -> _T:
     **Returns:**
 
     One pytree of that structure.
+
+    !!! example
+
+        ```python
+        params, rest = eqstate.partition(model, eqstate.Param)
+        model = eqstate.combine(params, rest)
+        ```
     """
     if not trees:
         raise TypeError("eqstate.combine needs at least one tree.")

@@ -43,7 +43,19 @@ _MAX_REASONS = 100  # retrace reasons kept per `Jit`
 
 class RetraceWarning(UserWarning):
     """An `eqstate.jit` function keeps compiling again: its calls keep changing a shape,
-    a dtype or a static (non-array) value."""
+    a dtype or a static (non-array) value.
+
+    Warned once per function, on its ninth trace, with the reason of the last retrace.
+    `max_traces=` turns it into an error at the count you choose.
+
+    !!! example
+
+        ```python
+        import warnings
+
+        warnings.simplefilter("error", eqstate.RetraceWarning)  # fail at the ninth trace
+        ```
+    """
 
 
 _MSG_UNHASHABLE = (

@@ -60,7 +60,25 @@ class Kind(metaclass=_KindMeta):
         fixed_shape: bool = True,
         **kwargs: Any,
     ) -> Any:
-        """Declare a field of this kind. Same as `eqstate.field(kind=cls, ...)`."""
+        """Declare a field of this kind. Same as `eqstate.field(kind=cls, ...)`.
+
+        **Arguments:**
+
+        As for `eqstate.field`, less `kind`.
+
+        **Returns:**
+
+        A dataclass field, to assign in the class body of an `eqstate.Module`.
+
+        !!! example
+
+            ```python
+            class Counter(eqstate.Module):
+                count: jax.Array = eqstate.State.field(default=0)
+
+            counter = Counter()  # count: a strongly typed int32 array
+            ```
+        """
         return field(
             kind=cls,
             default=default,
@@ -75,27 +93,93 @@ class Kind(metaclass=_KindMeta):
 
 
 class Param(Kind):
-    """Trainable parameters. Every leaf not under a declared field is a `Param`."""
+    """Trainable parameters. Every leaf not under a declared field is a `Param`.
+
+    `model.parameters()`, `eqstate.value_and_grad` and `eqstate.Optimizer` take the
+    inexact-array `Param` leaves by default.
+
+    !!! example
+
+        ```python
+        class Linear(eqstate.Module):
+            weight: jax.Array  # undeclared: Param
+            bias: jax.Array = eqstate.Param.field()  # the same, said explicitly
+
+        linear = Linear(jnp.ones((2, 3)), jnp.zeros(2))
+        params = eqstate.filter(linear, eqstate.Param)  # both arrays
+        ```
+    """
 
 
 class State(Kind):
     """Non-trainable state, updated by the model itself (counters, running values).
 
     Array values given to a `State` field in `__init__` are converted to strongly typed
-    JAX arrays, so state is never a static Python value.
+    JAX arrays, so state is never a static Python value. A filter for `State` matches
+    its subclasses `BatchStat`, `Rng` and `OptState` too.
+
+    !!! example
+
+        ```python
+        class Average(eqstate.Module):
+            count: jax.Array = eqstate.State.field(default=0)
+            total: jax.Array = eqstate.State.field(default=0.0)
+
+        avg = Average()
+        state = avg.states()  # count and total; the same as eqstate.filter(avg, eqstate.State)
+        ```
     """
 
 
 class BatchStat(State):
-    """Running statistics of a batch, such as `BatchNorm`'s mean and variance."""
+    """Running statistics of a batch, such as `BatchNorm`'s mean and variance.
+
+    A subclass of `State`: never trained, matched by a `State` filter too.
+
+    !!! example
+
+        ```python
+        bn = eqstate.nn.BatchNorm(16)
+        stats = eqstate.filter(bn, eqstate.BatchStat)  # running_mean, running_var
+        ```
+    """
 
 
 class Rng(State):
-    """A PRNG key owned by the module."""
+    """A PRNG key owned by the module.
+
+    A subclass of `State`. `eqstate.next_key(self)` draws a subkey from it inside a
+    `@eqstate.mutating` method and stores the advanced key.
+
+    !!! example
+
+        ```python
+        class Noisy(eqstate.Module):
+            key: jax.Array = eqstate.Rng.field()
+
+            @eqstate.mutating
+            def __call__(self, x):
+                return x + jax.random.normal(eqstate.next_key(self), x.shape)
+
+        noisy = Noisy(jax.random.key(0))
+        y, noisy = noisy(jnp.zeros(3))  # noisy.key has moved on
+        ```
+    """
 
 
 class OptState(State):
-    """Optimiser state."""
+    """Optimiser state.
+
+    A subclass of `State`: `eqstate.Optimizer` keeps optax's state in a field of this
+    kind, so it is saved, loaded and sharded by kind like any other state.
+
+    !!! example
+
+        ```python
+        opt = eqstate.Optimizer(optax.adam(1e-3), model)
+        opt_state = eqstate.filter(opt, eqstate.OptState)  # Adam's moments and the step
+        ```
+    """
 
 
 _MSG_RNG_DEFAULT = (
@@ -142,6 +226,23 @@ def field(
     exactly that of an `eqx.Module` with the same fields. For `State` kinds, array-like
     values (Python scalars, NumPy arrays, weakly typed JAX arrays) are converted to
     strongly typed JAX arrays when the module is built.
+
+    **Returns:**
+
+    A dataclass field, to assign in the class body of an `eqstate.Module`.
+
+    !!! example
+
+        ```python
+        class Model(eqstate.Module):
+            weight: jax.Array
+            steps: jax.Array = eqstate.field(kind=eqstate.State, default=0)
+            losses: jax.Array = eqstate.State.field(  # grows, so its shape changes
+                fixed_shape=False, default_factory=lambda: jnp.zeros(0)
+            )
+
+        model = Model(jnp.ones(3))
+        ```
     """
     kind = _check_kind(kind)
     given = default is not dataclasses.MISSING and default is not None

@@ -180,7 +180,24 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
                 raise dataclasses.FrozenInstanceError(msg) from None
 
     def filter(self, *filters: Filter) -> Self:
-        """`eqstate.filter(self, *filters)`: this model with non-matching leaves `None`."""
+        """`eqstate.filter(self, *filters)`: this model with non-matching leaves `None`.
+
+        **Arguments:**
+
+        - `*filters`: kinds, `...`, callables `(path, kind, leaf) -> bool` or
+            `leaf -> bool`, or tuples of these, as for `eqstate.filter`.
+
+        **Returns:**
+
+        A model of this structure holding the leaves that match any of `filters`, and
+        `None` elsewhere.
+
+        !!! example
+
+            ```python
+            stats = model.filter(eqstate.BatchStat)  # the running statistics only
+            ```
+        """
         return filter_(self, *filters)
 
     def parameters(self) -> Self:
@@ -191,11 +208,38 @@ class Module(eqx.Module, metaclass=_ModuleMeta):
         `inference` flag becomes a `bool[]` array under `jax.jit`), so
         `jax.grad(loss)(model.parameters(), ...)` works. `eqstate.filter(model,
         eqstate.Param)` gives every `Param` array.
+
+        **Returns:**
+
+        A model of this structure holding the trainable arrays, and `None` elsewhere.
+
+        !!! example
+
+            ```python
+            @functools.partial(jax.value_and_grad, has_aux=True)
+            def loss(params, model, x, y):
+                return loss_fn(model.update(params), x, y)
+
+            (value, model), grads = loss(model.parameters(), model, x, y)
+            ```
         """
         return filter_(self, _is_trainable)
 
     def states(self) -> Self:
-        """The array leaves of every `State` kind; every other leaf is `None`."""
+        """The array leaves of every `State` kind; every other leaf is `None`.
+
+        **Returns:**
+
+        A model of this structure holding the arrays of `State` kinds (`BatchStat`,
+        `Rng`, `OptState` and your own subclasses included), and `None` elsewhere.
+
+        !!! example
+
+            ```python
+            saved = model.states()  # running statistics and Dropout's key
+            model = model.update(saved)
+            ```
+        """
         return filter_(self, State)
 
     def update(self: _M, *trees: Any) -> _M:
@@ -241,10 +285,16 @@ def update(model: _T, *trees: Any) -> _T:
         trees hold a leaf, the first wins. Each leaf put in place of an array must have
         its shape (unless its field is declared `fixed_shape=False`) and dtype.
 
+    **Returns:**
+
+    A new tree of `model`'s structure with the leaves of `trees` put in.
+
     !!! example
 
         ```python
-        ema = eqstate.update(ema, loaded_states)
+        ema = eqstate.nn.EMA(model, decay=0.999)
+        averaged = ema.states()  # e.g. saved earlier
+        ema = eqstate.update(ema, averaged)  # ema.update(...) would step the average
         ```
     """
     return _update(model, trees, "eqstate.update")

@@ -50,7 +50,19 @@ class DroppedUpdateWarning(UserWarning):
     """A child's new state may have been dropped inside a `@eqstate.mutating` method:
     the child's `inference` flag is traced (plain `jax.jit`), so whether its state
     changed is known only when the step runs. Where it certainly changed, the call
-    raises instead."""
+    raises instead.
+
+    `eqx.filter_jit` and `eqstate.jit` keep `inference` flags static, so under them a
+    dropped update is always an error and this warning never shows.
+
+    !!! example
+
+        ```python
+        import warnings
+
+        warnings.simplefilter("error", eqstate.DroppedUpdateWarning)  # fail loudly instead
+        ```
+    """
 
 
 def discard(*models: Any) -> None:
@@ -59,16 +71,30 @@ def discard(*models: Any) -> None:
 
     Inside a `@eqstate.mutating` method, a child's new module whose state changed must
     reach the returned model (or the result), or the call raises: the update would be
-    lost. `eqstate.discard(new_child)` lets it go.
+    lost. `eqstate.discard(new_child)` lets it go. Outside a mutating method it does
+    nothing.
+
+    **Arguments:**
+
+    - `*models`: the new modules to drop, as returned by the children's calls.
+
+    **Returns:**
+
+    `None`.
 
     !!! example
 
         ```python
-        @eqstate.mutating
-        def probe(self, x):
-            y, new_bn = self.bn(x)  # batch statistics, without keeping them
-            eqstate.discard(new_bn)
-            return y
+        class Probe(eqstate.Module):
+            bn: eqstate.nn.BatchNorm
+
+            @eqstate.mutating
+            def __call__(self, x):
+                y, new_bn = self.bn(x)  # batch statistics, without keeping them
+                eqstate.discard(new_bn)
+                return y
+
+        y, probe = Probe(eqstate.nn.BatchNorm(3))(x)  # probe.bn's statistics unchanged
         ```
     """
     frame = _draft.current()
@@ -103,6 +129,17 @@ def mutating(
     Works under `jax.jit`, `eqx.filter_jit`, `jax.vmap`, `jax.grad` and `lax.scan`, as a
     pure function of the module.
 
+    **Arguments:**
+
+    - `method`: a method of an `eqstate.Module` subclass (`__call__` or any other),
+        whose body may assign to `self`'s declared fields.
+
+    **Returns:**
+
+    The method, wrapped: a call `module.method(*args, **kwargs)` returns the pair
+    `(result, new_module)`, where `result` is what the body returned and `new_module`
+    the module with the body's assignments; `module` itself is unchanged.
+
     !!! example
 
         ```python
@@ -114,7 +151,8 @@ def mutating(
                 self.count += 1
                 return x
 
-        y, counter = counter(x)
+        counter = Counter()
+        y, counter = counter(x)  # counter.count == 1
         ```
     """
     if not callable(method):

@@ -245,6 +245,19 @@ class Optimizer(Module):
         The `hyperparams` dicts of `optax.inject_hyperparams` states (optax's documented
         `opt_state.hyperparams["learning_rate"] = ...`) therefore refuse assignment, and
         say to use `opt.with_hyperparams(...)`; they are pytree nodes like dicts.
+
+        **Returns:**
+
+        optax's state (for `optax.adam`, a tuple of `ScaleByAdamState` and
+        `EmptyState`), read-only.
+
+        !!! example
+
+            ```python
+            opt = eqstate.Optimizer(optax.adam(1e-3), model)
+            adam_state = opt.opt_state[0]
+            first_moments = adam_state.mu  # a tree of the model's structure
+            ```
         """
         return read_only(self._state())
 
@@ -330,6 +343,14 @@ class Optimizer(Module):
 
         `(new_model, new_optimizer)`: the model, of the type passed, with its `wrt` leaves
         updated, and this optimizer with its state advanced.
+
+        !!! example
+
+            ```python
+            opt = eqstate.Optimizer(optax.adam(1e-3), model)
+            (loss, model), grads = eqstate.value_and_grad(loss_fn, has_aux=True)(model, x, y)
+            model, opt = opt.update(grads, model)  # opt.step == 1
+            ```
         """
         _check_arguments(grads, model)
         params, grads, m_leaves, m_def = self._params_and_grads(grads, model)

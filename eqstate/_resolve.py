@@ -88,5 +88,23 @@ def _make_plan(tree: Any, treedef: PyTreeDef, num_leaves: int) -> Plan:
 
 
 def kinds(tree: Any) -> list[type[Kind]]:
-    """The kind of every leaf of `tree`, in `jax.tree_util.tree_leaves` order."""
+    """The kind of every leaf of `tree`, in `jax.tree_util.tree_leaves` order.
+
+    **Arguments:**
+
+    - `tree`: any pytree, usually an `eqstate.Module`. Leaves under no declared field
+        are `Param`.
+
+    **Returns:**
+
+    A list of kinds (subclasses of `eqstate.Kind`), one per leaf.
+
+    !!! example
+
+        ```python
+        leaves = jax.tree_util.tree_leaves(model)
+        for leaf, kind in zip(leaves, eqstate.kinds(model)):
+            print(kind.__name__, getattr(leaf, "shape", leaf))
+        ```
+    """
     return list(plan(tree)[1].kinds)

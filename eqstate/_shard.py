@@ -184,6 +184,7 @@ def shardings(
     !!! example
 
         ```python
+        # doctest: +SKIP (needs 8 devices)
         mesh = jax.make_mesh((2, 4), ("data", "model"))
         rules = [(eqstate.State, P()), (eqstate.Param, P("model"))]  # stats replicated
         model, opt = eqstate.place((model, opt), eqstate.shardings((model, opt), mesh, rules))
@@ -235,6 +236,25 @@ def place(tree: _T, shardings: Any) -> _T:
     Inside a jitted function it constrains the layouts instead: end a step with
     `return eqstate.place((model, opt), shardings)` so that its outputs keep their
     layouts (XLA may otherwise choose another one, e.g. shard a running mean).
+
+    **Arguments:**
+
+    - `tree`: a model, an optimizer, or any pytree of them.
+    - `shardings`: a tree of `tree`'s structure with a `jax.sharding.Sharding` at each
+        array (and `None` elsewhere), as `eqstate.shardings` returns.
+
+    **Returns:**
+
+    `tree` with its arrays on their shardings (outside jit), or constrained to them
+    (inside jit).
+
+    !!! example
+
+        ```python
+        mesh = jax.make_mesh((jax.device_count(),), ("data",))
+        shardings = eqstate.shardings((model, opt), mesh, [])  # all replicated
+        model, opt = eqstate.place((model, opt), shardings)
+        ```
     """
     dynamic, static = eqx.partition(tree, eqx.is_array)
     if any(isinstance(x, Tracer) for x in jtu.tree_leaves(dynamic)):

@@ -104,6 +104,21 @@ class BatchNorm(Module):
     - `momentum`, `eps`, `axis`, `axis_name`, `mode`: static settings.
     - `inference`: Equinox's convention; flip with `eqx.nn.inference_mode` or
         `eqstate.eval`.
+
+    !!! example
+
+        ```python
+        bn = eqstate.nn.BatchNorm(3)
+        x = jax.random.normal(key, (8, 3))  # a batch of 8, features on axis 1
+        y, bn = bn(x)  # normalised with the batch's statistics; running ones updated
+        y, _ = eqstate.eval(bn)(x)  # normalised with the running statistics
+        ```
+
+    !!! example "Per example, in Equinox's style"
+
+        ```python
+        ys, bn = eqstate.vmap(bn)(x)  # the same numbers: statistics over the mapped batch
+        ```
     """
 
     weight: Float[Array, " features"] | None
@@ -191,6 +206,11 @@ class BatchNorm(Module):
             computed and selected.
         - `axis_name`: overrides `self.axis_name` for this call (`None`: no mapped axis,
             e.g. to train a model built for several devices on one).
+
+        **Returns:**
+
+        `(y, new_batch_norm)`: `x` normalised (same shape and dtype), and this layer
+        with its running statistics updated (unchanged in inference).
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):

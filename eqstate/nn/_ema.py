@@ -89,6 +89,22 @@ class EMA(Module):
 
         `model`'s `wrt` leaves must have the shapes and dtypes of those of the model the
         EMA was built from.
+
+        **Arguments:**
+
+        - `model`: the model being trained, of the structure the EMA was built from.
+
+        **Returns:**
+
+        `(None, new_ema)`: the average moved by one step, `avg = decay * avg + (1 -
+        decay) * leaf` (with the warmup decay if `warmup`), and the step count advanced.
+
+        !!! example
+
+            ```python
+            ema = eqstate.nn.EMA(model, decay=0.99)
+            _, ema = ema.update(model)  # after each optimizer step
+            ```
         """
         if isinstance(model, EMA):
             raise TypeError(_MSG_PUT_BACK)
@@ -110,6 +126,24 @@ class EMA(Module):
 
         `model` must have the structure of the model the EMA was built from, with arrays
         of the same shapes and dtypes where the average has leaves.
+
+        **Arguments:**
+
+        - `model`: a model of the structure the EMA was built from, usually the one
+            being trained; its other leaves (state, static settings) are kept.
+
+        **Returns:**
+
+        A new model of `model`'s type with the averaged leaves, cast to the dtypes of
+        `model`'s.
+
+        !!! example
+
+            ```python
+            ema = eqstate.nn.EMA(model, decay=0.99)
+            eval_model = eqstate.eval(ema.apply(model))  # averaged weights, running stats
+            logits, _ = eval_model(x)
+            ```
         """
         m_leaves, m_def = self._check(model, None, "apply")
         e_leaves = jtu.tree_leaves(self.params, is_leaf=is_none)

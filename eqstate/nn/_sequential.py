@@ -74,7 +74,7 @@ class Sequential(Module):
             eqstate.nn.Dropout(0.1, key=k2),
             eqx.nn.Linear(32, 1, key=k3),
         ])
-        y, model = eqstate.vmap(model)(xs)  # per example, or model(x) on a batch
+        y, model = eqstate.vmap(model)(xs)  # per example, as eqx.nn.Linear takes one
         ```
     """
 
@@ -106,6 +106,11 @@ class Sequential(Module):
         - `x`: passed to the first layer.
         - `key`: if given, split into a subkey per layer, passed as `key=` to each layer
             that takes one.
+
+        **Returns:**
+
+        `(y, new_sequential)`: the last layer's output, and this sequence with the new
+        state of every eqstate layer in it.
         """
         keys: Any = [None] * len(self.layers) if key is None else jr.split(key, len(self.layers))
         new = list(self.layers)

@@ -95,8 +95,20 @@ class WithState(Module):
     !!! example
 
         ```python
-        model = eqstate.nn.WithState(*eqx.nn.make_with_state(Model)(key=key))
+        class EqxModel(eqx.Module):  # written for eqx.nn.make_with_state
+            linear: eqx.nn.Linear
+            bn: eqx.nn.BatchNorm
+
+            def __init__(self, key):
+                self.linear = eqx.nn.Linear(3, 16, key=key)
+                self.bn = eqx.nn.BatchNorm(16, axis_name="batch", mode="batch")
+
+            def __call__(self, x, state):
+                return self.bn(self.linear(x), state)
+
+        model = eqstate.nn.WithState(*eqx.nn.make_with_state(EqxModel)(key=key))
         ys, model = eqstate.vmap(model, axis_name="batch")(xs)
+        stats = model.filter(eqstate.BatchStat)  # the BatchNorm's running statistics
         ```
     """
 
@@ -140,7 +152,13 @@ class WithState(Module):
 
     @property
     def state(self) -> eqx.nn.State:
-        """A fresh `eqx.nn.State` holding this module's state."""
+        """A fresh `eqx.nn.State` holding this module's state.
+
+        **Returns:**
+
+        An `eqx.nn.State`, to call the Equinox model directly: `model.model(x,
+        model.state)`.
+        """
         treedef, is_stat = self.layout
         stats, buffers = iter(self.stats), iter(self.buffers)
         leaves = [next(stats) if s else next(buffers) for s in is_stat]
@@ -148,7 +166,18 @@ class WithState(Module):
 
     @mutating
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run `model(*args, state, **kwargs)`; returns `(y, new_with_state)`."""
+        """Run `model(*args, state, **kwargs)`; returns `(y, new_with_state)`.
+
+        **Arguments:**
+
+        - `*args`: the model's arguments before its state (usually `x`).
+        - `**kwargs`: its keyword arguments (`key=`, `inference=`, ...).
+
+        **Returns:**
+
+        `(y, new_with_state)`: what the model returned beside the state, and this
+        module holding the new state.
+        """
         name = type(self.model).__name__
         out = self.model(*args, self.state, **kwargs)
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], eqx.nn.State)):
