@@ -138,7 +138,21 @@ def grad(
 ) -> Callable[..., Any]:
     """Like `jax.grad`, differentiating a model's `wrt` leaves only.
 
-    Returns `grads`, or `(grads, aux)` if `has_aux`. See `eqstate.value_and_grad`.
+    **Arguments:**
+
+    - `fn`, `has_aux`, `wrt`: as for `eqstate.value_and_grad`.
+
+    **Returns:**
+
+    A function with the signature of `fn` returning `grads`, or `(grads, aux)` if
+    `has_aux`; `grads` has the structure of `model`, with `None` at every leaf that was
+    not differentiated.
+
+    !!! example
+
+        ```python
+        grads, model = eqstate.grad(loss_fn, has_aux=True)(model, x, y)
+        ```
     """
     vg = _value_and_grad(fn, has_aux, wrt, "eqstate.grad")
 

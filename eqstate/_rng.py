@@ -62,6 +62,11 @@ def next_key(
     Typed keys (`jax.random.key`) and raw `uint32` keys (`jax.random.PRNGKey`) both work;
     the subkey is of the same kind as the stored key.
 
+    **Returns:**
+
+    A fresh subkey, of the same kind as the stored key; the stored key is advanced in
+    the model that the mutating method returns.
+
     !!! example
 
         ```python
@@ -71,6 +76,10 @@ def next_key(
             @eqstate.mutating
             def __call__(self, x):
                 return x + jax.random.normal(eqstate.next_key(self), x.shape)
+
+        noisy = Noisy(jax.random.key(0))
+        y1, noisy = noisy(jnp.zeros(3))
+        y2, noisy = noisy(jnp.zeros(3))  # other numbers: the key moved on
         ```
     """
     cls = type(module)

@@ -59,6 +59,24 @@ class Metric(Module):
 
     A metric's `update` accumulates a batch; it is not `eqstate.Module.update`. To put a
     saved tree back into a metric, use `eqstate.update(metric, tree)`.
+
+    !!! example
+
+        ```python
+        class SumOfSquares(eqstate.metrics.Metric):
+            total: jax.Array = eqstate.State.field(default=0.0)
+
+            @eqstate.mutating
+            def update(self, values):
+                self.total += jnp.sum(jnp.square(values))
+
+            def compute(self):
+                return self.total
+
+        metric = SumOfSquares()
+        _, metric = metric.update(jnp.arange(3.0))
+        metric.compute()  # 5.0
+        ```
     """
 
     @abc.abstractmethod
@@ -66,19 +84,64 @@ class Metric(Module):
         """Accumulate one batch (a `@mutating` method): returns `(None, new_metric)`.
 
         Not `eqstate.Module.update`: to put a tree back, use `eqstate.update(metric, tree)`.
+
+        **Arguments:**
+
+        The batch, as each metric defines it (`Mean`: `values`, `Accuracy`: `logits`
+        or `preds`, and `labels`).
+
+        **Returns:**
+
+        `(None, new_metric)`: this metric with the batch added to its totals.
         """
 
     @abc.abstractmethod
     def compute(self) -> Any:
-        """The metric's value over everything accumulated so far."""
+        """The metric's value over everything accumulated so far.
+
+        **Returns:**
+
+        The value (`Mean`, `Accuracy`: a float32 scalar, NaN before any update).
+        """
 
     def reset(self) -> Self:
-        """A metric with the same settings and all totals zero."""
+        """A metric with the same settings and all totals zero.
+
+        **Returns:**
+
+        A new metric of this class; `self` is unchanged.
+
+        !!! example
+
+            ```python
+            mean = eqstate.metrics.Mean()
+            _, mean = mean.update(jnp.arange(3.0))
+            mean = mean.reset()  # at the start of an epoch: mean.compute() is NaN again
+            ```
+        """
         zeros = jtu.tree_map(jnp.zeros_like, filter_(self, State))
         return combine(zeros, self)
 
     def merge(self, other: Self) -> Self:
-        """The metric over both `self`'s and `other`'s batches (e.g. from two devices)."""
+        """The metric over both `self`'s and `other`'s batches (e.g. from two devices).
+
+        **Arguments:**
+
+        - `other`: a metric of the same class, built alike (for a `Collection`, the
+            same metrics under the same names).
+
+        **Returns:**
+
+        A new metric whose totals are the sums of both.
+
+        !!! example
+
+            ```python
+            _, a = eqstate.metrics.Mean().update(jnp.array([1.0, 2.0]))
+            _, b = eqstate.metrics.Mean().update(jnp.array([3.0]))
+            a.merge(b).compute()  # 2.0, the mean of the three values
+            ```
+        """
         if type(other) is not type(self):
             raise TypeError(
                 f"{type(self).__name__}.merge: other is a {type(other).__name__}; merge "
@@ -98,6 +161,26 @@ class Metric(Module):
 
         Under `eqstate.data_parallel`, whose metrics already add up every device's
         batches, totals that are the same on every device are left as they are.
+
+        **Arguments:**
+
+        - `axis_name`: the name of the mapped axis to sum over.
+
+        **Returns:**
+
+        A new metric holding the totals of every index along the axis.
+
+        !!! example
+
+            ```python
+            def per_device(values):
+                _, mean = eqstate.metrics.Mean().update(values)
+                return mean.all_reduce("devices")
+
+            batches = jnp.arange(6.0).reshape(2, 3)  # the batches of two devices
+            mean = jax.vmap(per_device, axis_name="devices", out_axes=None)(batches)
+            mean.compute()  # 2.5, over both
+            ```
         """
 
         def one(x: Array) -> Array:
@@ -149,6 +232,20 @@ class Mean(Metric):
     - `weight`: the sum of the weights of values added with weights, float32.
 
     `compute()` is `total / (count + weight)`: unweighted values weigh 1.
+
+    **Arguments:**
+
+    - `argname`: the keyword read in a `Collection` (default `"values"`). The totals
+        start at zero.
+
+    !!! example
+
+        ```python
+        mean = eqstate.metrics.Mean()
+        _, mean = mean.update(jnp.array([1.0, 2.0, 3.0]))
+        _, mean = mean.update(jnp.array([4.0]), weights=jnp.array([2.0]))
+        mean.compute()  # (1 + 2 + 3 + 2 * 4) / (3 + 2) = 2.8
+        ```
     """
 
     total: Array = State.field(default=0.0)
@@ -160,7 +257,19 @@ class Mean(Metric):
     def update(  # pyright: ignore[reportIncompatibleMethodOverride]
         self, values: ArrayLike | None = None, *, weights: ArrayLike | None = None, **kwargs: Any
     ) -> None:
-        """Add `values` (any shape; every element counts), optionally `weights`."""
+        """Add `values` (any shape; every element counts), optionally `weights`.
+
+        **Arguments:**
+
+        - `values`: an array of any shape (or, in a `Collection`, the keyword named by
+            `argname`).
+        - `weights`: one weight per value, or per example along the leading axes (a
+            prefix of `values`' shape).
+
+        **Returns:**
+
+        `(None, new_mean)`.
+        """
         _check_batch(self, (values, weights), kwargs)
         if self.argname != "values" and self.argname in kwargs:
             values = kwargs[self.argname]  # its own name first, in a Collection too
@@ -194,6 +303,15 @@ class Accuracy(Metric):
         float32.
 
     `compute()` returns `(correct + weighted_correct) / (count + weight)`, float32.
+
+    !!! example
+
+        ```python
+        acc = eqstate.metrics.Accuracy()
+        logits, _ = eqstate.eval(model)(x)
+        _, acc = acc.update(logits=logits, labels=y)
+        acc.compute()  # the fraction of the batch classified correctly
+        ```
     """
 
     correct: Array = State.field(default=0)
@@ -211,7 +329,19 @@ class Accuracy(Metric):
         weights: ArrayLike | None = None,
         **kwargs: Any,
     ) -> None:
-        """Add a batch of predictions: `logits` (`(..., classes)`) or `preds`, and `labels`."""
+        """Add a batch of predictions: `logits` (`(..., classes)`) or `preds`, and `labels`.
+
+        **Arguments:**
+
+        - `logits`: class scores, classes on the last axis (at least two).
+        - `labels`: integer class indices, of the shape of the predictions.
+        - `preds`: integer class indices, instead of `logits`.
+        - `weights`: one weight per prediction, or a prefix of their shape.
+
+        **Returns:**
+
+        `(None, new_accuracy)`.
+        """
         _check_batch(self, (logits, labels, preds, weights), kwargs)
         labels = jnp.asarray(_pick(self, labels, kwargs, "labels"))
         if not _is_index(labels):
@@ -270,6 +400,21 @@ class Collection(Metric):
 
     `update(**kwargs)` passes every keyword to every metric, each taking what it needs;
     `compute()` returns a dict of values.
+
+    **Arguments:**
+
+    - `**metrics`: the metrics, by name.
+
+    !!! example
+
+        ```python
+        metrics = eqstate.metrics.Collection(
+            loss=eqstate.metrics.Mean(argname="loss"), acc=eqstate.metrics.Accuracy()
+        )
+        logits, _ = eqstate.eval(model)(x)
+        _, metrics = metrics.update(loss=cross_entropy(logits, y), logits=logits, labels=y)
+        metrics.compute()  # {"loss": ..., "acc": ...}
+        ```
     """
 
     metrics: dict[str, Metric]
@@ -288,6 +433,14 @@ class Collection(Metric):
         """Update every metric with the same keyword arguments.
 
         Not `eqstate.Module.update`: to put a tree back, use `eqstate.update(metrics, tree)`.
+
+        **Arguments:**
+
+        - `**kwargs`: passed to every metric's `update`, each taking what it needs.
+
+        **Returns:**
+
+        `(None, new_collection)`.
         """
         _check_batch(self, args, kwargs)
         if args:
@@ -295,6 +448,12 @@ class Collection(Metric):
         self.metrics = {name: m.update(**kwargs)[1] for name, m in self.metrics.items()}
 
     def compute(self) -> dict[str, Any]:
+        """Every metric's value, by name.
+
+        **Returns:**
+
+        A dict from the metrics' names to their `compute()`.
+        """
         return {name: m.compute() for name, m in self.metrics.items()}
 
     def __getitem__(self, name: str) -> Metric:

@@ -54,6 +54,14 @@ class Dropout(Module):
     masks while the stored key stays in step. Under `eqstate.data_parallel`, each row
     draws the mask of its row in the whole batch: the masks differ between devices and
     are those of one device with the whole batch.
+
+    !!! example
+
+        ```python
+        drop = eqstate.nn.Dropout(0.5, key=jax.random.key(0))
+        y, drop = drop(jnp.ones((4, 3)))  # a fresh mask on every call: the key moves on
+        y, _ = eqstate.eval(drop)(jnp.ones((4, 3)))  # the identity
+        ```
     """
 
     key: PRNGKeyArray = Rng.field()
@@ -110,6 +118,12 @@ class Dropout(Module):
             plain `jax.jit` or in a `lax.scan` carry; both branches are then computed and
             selected.
         - `axis_name`: overrides `self.axis_name` for this call.
+
+        **Returns:**
+
+        `(y, new_dropout)`: `x` with the dropped elements zeroed and the others scaled
+        by `1 / (1 - p)`, and this layer with its key advanced (unchanged in inference
+        or when `key` is given).
         """
         x = jnp.asarray(x)
         if not jnp.issubdtype(x.dtype, jnp.inexact):
