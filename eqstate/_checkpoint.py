@@ -25,6 +25,7 @@ import numpy as np
 from ._convert import is_key
 from ._filters import Filter, describe, is_none, select as _select
 from ._resolve import plan
+from ._shard import put
 
 
 _T = TypeVar("_T")
@@ -69,6 +70,13 @@ _MSG_NO_DIR = (
 _MSG_NOTHING = (
     "eqstate.{fn}: no leaf of the tree matches the filters {filters}, so there is "
     "nothing to {verb}."
+)
+_MSG_SPREAD = (
+    "eqstate.save: the array at {path} is split over devices of several processes, and "
+    "this process holds only part of it. Save replicated arrays (each process then "
+    "holds all of it), gather it first "
+    "(`jax.experimental.multihost_utils.process_allgather`), or checkpoint sharded "
+    "state with orbax (see the README)."
 )
 _MSG_PATH = "eqstate.{fn}(path=...) must be a str or os.PathLike, got {value!r} ({type})."
 
@@ -165,7 +173,14 @@ def _value(entry: dict[str, Any], stored: Any, like: Any) -> Any:
     dtype), else a JAX array on `like`'s devices."""
     if "python" in entry:
         return stored
+    sharding = getattr(like, "sharding", None)
+    if isinstance(like, jax.Array) and not like.committed:
+        sharding = None  # JAX's default placement, as `like`'s
     if "key_impl" in entry:
+        if sharding is not None and not sharding.is_fully_addressable:  # other processes
+            impl = entry["key_impl"]
+            wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)
+            return wrap(np.asarray(stored))
         value = jax.random.wrap_key_data(jnp.asarray(stored), impl=entry["key_impl"])
     elif isinstance(like, (np.ndarray, np.generic)):
         return np.array(stored)
@@ -174,8 +189,7 @@ def _value(entry: dict[str, Any], stored: Any, like: Any) -> Any:
         if getattr(like, "weak_type", False) and value.shape == ():
             weak = jnp.asarray(value.item())  # as a Python number would give it
             value = weak if weak.dtype == value.dtype else value
-    sharding = getattr(like, "sharding", None)
-    return value if sharding is None else jax.device_put(value, sharding)
+    return value if sharding is None else put(value, sharding)
 
 
 def _check_path(path: Any, fn: str) -> pathlib.Path:
@@ -224,7 +238,7 @@ def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
             _MSG_NOTHING.format(fn="save", filters=_filters_text(filters), verb="save")
         )
     kinds = plan(tree)[1].kinds
-    chosen = [x for x, k in zip(leaves, keep) if k]
+    chosen = [_local(x, p) for x, p, k in zip(leaves, paths, keep) if k]
     entries = [_entry(p, kind, x) for p, kind, x, k in zip(paths, kinds, leaves, keep) if k]
     payload = io.BytesIO()
     eqx.tree_serialise_leaves(payload, chosen, filter_spec=_write_leaf)
@@ -239,6 +253,15 @@ def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
     head = json.dumps(header, separators=(",", ":")).encode()
     body = _MAGIC + len(head).to_bytes(8, "little") + head + payload.getvalue()
     _atomic_write(target, body + hashlib.blake2b(body, digest_size=_DIGEST).digest())
+
+
+def _local(x: Any, path: str) -> Any:
+    """`x` as this process holds it whole: a replicated array's local copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+            raise ValueError(_MSG_SPREAD.format(path=path or "the root"))
+        return x.addressable_data(0)
+    return x
 
 
 def _filters_text(filters: tuple) -> str:

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
@@ -220,6 +221,20 @@ def shardings(
     return treedef.unflatten([None if s is None else NamedSharding(mesh, s) for s in specs])
 
 
+def put(value: Any, sharding: jax.sharding.Sharding) -> Any:
+    """`value` (a local array or key array holding the whole value) on `sharding`, also
+    when the sharding spans other processes, where `jax.device_put` refuses."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(value)
+        data = np.asarray(jax.random.key_data(value))
+        wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)
+        return wrap(data)
+    local = np.asarray(value)
+    return jax.make_array_from_callback(local.shape, sharding, lambda index: local[index])
+
+
 def _constrain(x: Any, sharding: NamedSharding) -> Any:
     explicit = all(t == AxisType.Explicit for t in sharding.mesh.axis_types)
     if explicit:
@@ -260,5 +275,5 @@ def place(tree: _T, shardings: Any) -> _T:
     if any(isinstance(x, Tracer) for x in jtu.tree_leaves(dynamic)):
         dynamic = jtu.tree_map(_constrain, dynamic, shardings)
     else:
-        dynamic = jax.device_put(dynamic, shardings)
+        dynamic = jtu.tree_map(put, dynamic, shardings)
     return eqx.combine(dynamic, static)

@@ -187,11 +187,20 @@ def main():
         demo.train_step(*tree, shard(x), shard(y)),
     )
     report["traces_after_load"] = demo.train_step.traces  # eqstate.jit's count
-    try:  # straight into the replicated tree: the arrays keep its shardings
-        direct = eqstate.load(theirs, tree)
-        report["direct_load"] = "ok" if same(direct, tree) else "different values"
+    try:  # straight into a replicated tree (`tree` itself was donated by the step)
+        direct = eqstate.load(theirs, replicate(build(demo)))
+        report["direct_load"] = "ok" if same(direct, replicate(loaded)) else "different values"
+        report["direct_load_sharding"] = all(
+            x.sharding.is_equivalent_to(replicated, x.ndim)
+            for x in jax.tree.leaves(eqx.filter(direct, eqx.is_array))
+        )
     except Exception as err:
         report["direct_load"] = f"{type(err).__name__}: {err}"
+    try:  # an array split over both processes cannot be saved from one of them
+        eqstate.save(out / f"sharded{pid}.eqstate", {"x": shard(batches[0][0])})
+        report["save_sharded"] = "saved"
+    except ValueError as err:
+        report["save_sharded"] = str(err)
     try:  # eqstate's own placement, from a freshly built (host-local) tree
         fresh = build(demo)
         placed = eqstate.place(fresh, eqstate.shardings(fresh, mesh, [(..., P())]))
@@ -321,23 +330,21 @@ def test_checkpoints_cross_processes(run):
         assert report["traces_after_load"] == 1, report
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eqstate.load places a loaded PRNG key with jax.device_put, which refuses "
-    "typed keys for devices of other processes (`device_put's second argument must be "
-    "... addressable devices`); load into a host-local tree and place it after",
-)
 def test_load_into_a_tree_sharded_across_processes(run):
     _, _, reports = run
     for role in ["0", "1"]:
         assert reports[role]["direct_load"] == "ok", reports[role]["direct_load"]
+        assert reports[role]["direct_load_sharding"]  # the arrays keep like's shardings
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="eqstate.place puts arrays with jax.device_put, which refuses typed keys for "
-    "devices of other processes (as above); replicate keys through their key_data",
-)
+def test_saving_an_array_split_over_processes_is_a_named_error(run):
+    _, _, reports = run
+    for role in ["0", "1"]:
+        message = reports[role]["save_sharded"]
+        assert "the array at ['x'] is split over devices of several processes" in message
+        assert "process_allgather" in message
+
+
 def test_place_across_processes(run):
     _, _, reports = run
     for role in ["0", "1"]:
