@@ -165,7 +165,13 @@ def explain(old: Any, new: Any) -> str:
         if x_array:
             return f"{name} changed from an array {_fmt(x)} to the static value {_short(y)}."
         return f"The static value of {name} changed {_change(x, y)}."
-    return "Nothing in the arguments changed (JAX retraced for another reason)."
+    return (
+        "Nothing in the arguments' structure, shapes, dtypes or static values changed: "
+        "JAX retraced for another reason, most often a new placement of an input (an "
+        "array put on other devices or another sharding). Place arrays before the first "
+        "call (`eqstate.place`) and keep them there (return `eqstate.place(...)` from "
+        "the step)."
+    )
 
 
 def _cut(where: str, limit: int = 300) -> str:

@@ -140,4 +140,11 @@ raises(
 assert jax.tree.leaves(
     eqstate.shardings(eqstate.abstract((net, opt)), mesh, rules)
 ) == jax.tree.leaves(sh)
+# a retrace caused by a new layout says so
+double = eqstate.jit(lambda x: x * 2, max_traces=1)
+double(jnp.ones(16))
+raises(
+    lambda: double(jax.device_put(jnp.ones(16), batch)),
+    r"most often a new placement of an input .*`eqstate\.place`",
+)
 print("ok")
