@@ -455,3 +455,24 @@ def test_dropout_call_key_as_in_equinox():
         TypeError, match=r"Dropout\(x, key=\.\.\.\) expects a PRNG key .* got 3 \(int\)"
     ):
         drop(x, key=3)
+
+
+def test_an_inference_field_left_unset_is_named():
+    class Inner(eqstate.Module):
+        w: jax.Array
+        inference: bool = False
+
+        def __init__(self):
+            self.w = jnp.ones(2)
+
+    class Outer(eqstate.Module):
+        inner: Inner
+        bn: BatchNorm
+
+    model = Outer(Inner(), BatchNorm(2))
+    for fn in (eqstate.eval, eqstate.train):
+        with pytest.raises(
+            TypeError,
+            match=r"eqstate\.(eval|train): Inner at \.inner has an `inference` field that its `__init__` never sets",
+        ):
+            fn(model)
