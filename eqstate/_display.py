@@ -138,6 +138,7 @@ def summary(tree: Any) -> Summary:
         ```python
         print(eqstate.summary(model))
         n_params = eqstate.summary(model).totals[eqstate.Param].size  # 172
+        # (totals are per kind exactly: add a subclass such as NoDecay(Param) yourself)
         ```
 
         ```text
@@ -348,14 +349,18 @@ def _compare_arrays(where: str, kind: type[Kind], a: Any, b: Any) -> DiffRow | N
         max_abs = None
     elif np.issubdtype(x.dtype, np.integer):
         differ = x != y
-        big, small = np.maximum(x, y), np.minimum(x, y)  # no wrap-around for unsigned ints
-        max_abs = int(np.max(big - small, initial=0)) if differ.any() else 0
+        # widened, so no wrap-around (int8 -100 -> 100 is 200); 64-bit ones as Python ints
+        if x.dtype.itemsize < 8:
+            wide = np.abs(x[differ].astype(np.int64) - y[differ].astype(np.int64))
+            max_abs = int(np.max(wide, initial=0))
+        else:
+            max_abs = max((abs(int(p) - int(q)) for p, q in zip(x[differ], y[differ])), default=0)
     else:  # floating (NumPy's and ml_dtypes') and complex
         x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
         y = y.astype(x.dtype)
         both_nan = np.isnan(x) & np.isnan(y)
         differ = (x != y) & ~both_nan
-        max_abs = float(np.max(np.abs(x - y)[differ], initial=0.0))
+        max_abs = float(np.max(np.abs(x[differ] - y[differ]), initial=0.0))  # inf - inf unseen
     n = int(np.sum(differ))
     if n == 0:
         return None

@@ -415,3 +415,12 @@ def test_result_refuses_to_drop_an_update(net, x):
 def test_result_needs_a_mutating_call(net):
     with pytest.raises(TypeError, match="got a Linear. Its call returns just the result"):
         eqstate.result(net.lin)  # pyright: ignore[reportArgumentType]
+
+
+def test_diff_integer_changes_do_not_wrap_and_unchanged_infs_are_quiet():
+    d = eqstate.diff({"q": jnp.array([-100, 5], jnp.int8)}, {"q": jnp.array([100, 5], jnp.int8)})
+    assert d.rows[0].max_abs == 200
+    d = eqstate.diff({"q": jnp.array([-(2**31) + 5], jnp.int32)}, {"q": jnp.array([10], jnp.int32)})
+    assert d.rows[0].max_abs == 2**31 + 5
+    d = eqstate.diff({"m": jnp.array([-jnp.inf, 1.0])}, {"m": jnp.array([-jnp.inf, 2.0])})
+    assert d.rows[0].max_abs == 1.0  # no RuntimeWarning (an error under the test config)
