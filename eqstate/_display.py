@@ -164,8 +164,7 @@ def summary(tree: Any) -> Summary:
     """
     leaves, p = plan(tree)
     rows, others = [], []
-    for path, kind, leaf in zip(p.paths, p.kinds, leaves):
-        where = _where(path)
+    for where, kind, leaf in zip(_wheres(tree, p.paths), p.kinds, leaves):
         if _is_array(leaf):
             shape = tuple(leaf.shape)
             size = math.prod(shape)
@@ -304,11 +303,10 @@ def diff(before: Any, after: Any) -> Diff:
         found = first_mismatch(before, after)
         raise ValueError(_MSG_STRUCTURE.format(where=found or f"({p.treedef} != {q.treedef})"))
     rows, arrays = [], 0
-    for path, kind, a, b in zip(q.paths, q.kinds, old, new):
+    for where, kind, a, b in zip(_wheres(after, q.paths), q.kinds, old, new):
         if a is b:
             arrays += _is_array(b)
             continue
-        where = _where(path)
         if _is_array(a) and _is_array(b):
             arrays += 1
             row = _compare_arrays(where, kind, a, b)
@@ -395,6 +393,26 @@ def _is_array(x: Any) -> bool:
 
 def _where(path: tuple) -> str:
     return jtu.keystr(path) or "(root)"
+
+
+def _wheres(tree: Any, paths: tuple) -> list[str]:
+    """Each leaf's path for a reader: an optimizer's flat `opt_leaves[i]` by its place
+    in optax's state (`.opt_state[0].mu.weight`)."""
+    from ._optimizer import Optimizer
+
+    out = [_where(path) for path in paths]
+    offset = 0
+    for piece in jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, Optimizer)):
+        n = len(jtu.tree_leaves(piece))
+        if isinstance(piece, Optimizer):
+            indices = piece.opt_def.unflatten(list(range(len(piece.opt_leaves))))
+            for k, i in jtu.tree_flatten_with_path(indices)[0]:
+                suffix = f".opt_leaves[{i}]"
+                at = offset + i
+                if out[at].endswith(suffix):
+                    out[at] = out[at][: -len(suffix)] + ".opt_state" + jtu.keystr(k)
+        offset += n
+    return out
 
 
 def _short(x: Any, limit: int = 40) -> str:

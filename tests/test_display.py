@@ -424,3 +424,12 @@ def test_diff_integer_changes_do_not_wrap_and_unchanged_infs_are_quiet():
     assert d.rows[0].max_abs == 2**31 + 5
     d = eqstate.diff({"m": jnp.array([-jnp.inf, 1.0])}, {"m": jnp.array([-jnp.inf, 2.0])})
     assert d.rows[0].max_abs == 1.0  # no RuntimeWarning (an error under the test config)
+
+
+def test_optimizer_state_is_shown_by_optax_paths():
+    class M(eqstate.Module):
+        w: jax.Array
+
+    opt = eqstate.Optimizer(optax.adam(1e-3), M(jnp.ones(2)))
+    paths = [row.path for row in eqstate.summary(opt).rows]
+    assert paths == [".opt_state[0].count", ".opt_state[0].mu.w", ".opt_state[0].nu.w", ".step"]
