@@ -34,7 +34,7 @@ _MAGIC = b"EQSTATE-CHECKPOINT\n"
 _FORMAT = 1
 _DIGEST = 32  # bytes of blake2b over everything before it
 _TMP_SUFFIX = ".eqstate-tmp"
-_SCALARS = (bool, int, float, complex)
+_SCALARS = (int, float, complex)  # Python bools are settings (`inference`): `like`'s
 
 _MSG_NOT_CHECKPOINT = (
     "eqstate.load: {path} is not an eqstate checkpoint (it does not start with eqstate's "
@@ -78,12 +78,18 @@ _MSG_SPREAD = (
     "(`jax.experimental.multihost_utils.process_allgather`), or checkpoint sharded "
     "state with orbax (see the README)."
 )
+_MSG_SAME_PATH = (
+    "eqstate.save: two leaves have the same path, {path}: their keys print alike (e.g. "
+    "dict keys of a class with the same repr), so they could not be told apart when "
+    "loading. Use keys that print differently."
+)
 _MSG_PATH = "eqstate.{fn}(path=...) must be a str or os.PathLike, got {value!r} ({type})."
 
 
 def _is_data(x: Any) -> bool:
     """Whether `x` is a leaf a checkpoint holds: an array (concrete or abstract) or a
-    Python number."""
+    Python number. Python bools (the `inference` flags) are not: `load` keeps `like`'s,
+    so loading into `eqstate.eval(fresh)` gives a model in inference."""
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or (
         type(x) in _SCALARS
     )
@@ -195,7 +201,13 @@ def _value(entry: dict[str, Any], stored: Any, like: Any) -> Any:
 def _check_path(path: Any, fn: str) -> pathlib.Path:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(_MSG_PATH.format(fn=fn, value=path, type=type(path).__name__))
-    return pathlib.Path(path)
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(
+            f"eqstate.{fn}(path=...) is the directory {str(target)!r}; give a file in it, "
+            f"e.g. {str(target / 'checkpoint.eqs')!r}."
+        )
+    return target
 
 
 def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
@@ -211,8 +223,8 @@ def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
     - `tree`: any pytree of eqstate and Equinox modules, optimizers, metrics, arrays and
         Python numbers, e.g. `(model, opt)` or `{"model": model, "opt": opt}`. PRNG keys
         (typed or raw), bfloat16, integer and boolean arrays are kept bit for bit.
-        Other leaves (static settings, functions, strings) are not saved: `load` takes
-        them from its `like`.
+        Other leaves (static settings, functions, strings, and Python bools such as the
+        `inference` flags) are not saved: `load` takes them from its `like`.
     - `*filters`: save only the array leaves matching these (kinds, or any filter of
         `eqstate.filter`), e.g. `eqstate.save(path, model, eqstate.BatchStat)`.
 
@@ -240,6 +252,11 @@ def save(path: str | os.PathLike, tree: Any, *filters: Filter) -> None:
     kinds = plan(tree)[1].kinds
     chosen = [_local(x, p) for x, p, k in zip(leaves, paths, keep) if k]
     entries = [_entry(p, kind, x) for p, kind, x, k in zip(paths, kinds, leaves, keep) if k]
+    seen: set[str] = set()
+    for entry in entries:
+        if entry["path"] in seen:
+            raise ValueError(_MSG_SAME_PATH.format(path=entry["path"]))
+        seen.add(entry["path"])
     payload = io.BytesIO()
     eqx.tree_serialise_leaves(payload, chosen, filter_spec=_write_leaf)
     from . import __version__
@@ -336,7 +353,14 @@ def _read(path: pathlib.Path) -> tuple[dict[str, Any], bytes]:
     if hashlib.blake2b(body, digest_size=_DIGEST).digest() != digest:
         raise ValueError(_MSG_CORRUPT.format(path=str(path), why="its checksum does not match"))
     head_len = int.from_bytes(data[len(_MAGIC) : size], "little")
-    header = json.loads(body[size : size + head_len])
+    try:
+        header = json.loads(body[size : size + head_len])
+        entries = header["leaves"]
+        if not isinstance(header, dict) or not isinstance(entries, list):
+            raise TypeError("not a dict with a list of leaves")
+    except (ValueError, KeyError, TypeError) as err:
+        why = f"its header is not an eqstate header ({type(err).__name__}: {err})"
+        raise ValueError(_MSG_CORRUPT.format(path=str(path), why=why)) from err
     from . import __version__
 
     if header.get("format") != _FORMAT:

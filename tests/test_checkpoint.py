@@ -349,3 +349,47 @@ def test_weak_scalars_come_back_weak(tmp_path):
         back = eqstate.load(path, like)
         assert back.s.weak_type
         step(back, jnp.ones(3))
+
+
+def test_load_keeps_likes_inference_flags(tmp_path):
+    path = tmp_path / "train.eqs"
+    net = trained()[0]
+    eqstate.save(path, net)  # in training mode
+    back = eqstate.load(path, eqstate.eval(fresh()[0]))
+    assert back.bn.inference is True and back.drop.inference is True
+    assert bits(back) == bits(net)
+    back = eqstate.load(path, eqstate.abstract(eqstate.eval(fresh()[0])))
+    assert back.drop.inference is True
+
+
+def test_malformed_headers_directories_and_lookalike_keys(tmp_path):
+    import hashlib
+    import json
+
+    path = tmp_path / "h.eqs"
+    for header in (b"{not json", json.dumps([1, 2]).encode(), json.dumps({"format": 1}).encode()):
+        body = b"EQSTATE-CHECKPOINT\n" + len(header).to_bytes(8, "little") + header
+        path.write_bytes(body + hashlib.blake2b(body, digest_size=32).digest())
+        with pytest.raises(ValueError, match=r"is damaged: its header is not an eqstate header"):
+            eqstate.load(path, fresh()[0])
+    with pytest.raises(IsADirectoryError, match=r"eqstate\.save\(path=\.\.\.\) is the directory"):
+        eqstate.save(tmp_path, fresh()[0])
+
+    class K:
+        def __init__(self, v):
+            self.v = v
+
+        def __repr__(self):
+            return "K"
+
+        def __hash__(self):
+            return self.v
+
+        def __eq__(self, other):
+            return isinstance(other, K) and other.v == self.v
+
+        def __lt__(self, other):
+            return self.v < other.v
+
+    with pytest.raises(ValueError, match=r"two leaves have the same path"):
+        eqstate.save(path, {K(1): jnp.ones(1), K(2): jnp.zeros(1)})
