@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -52,6 +53,12 @@ def _stand_in(x: Any) -> Any:
 
 def _axis_size(mesh: Mesh, names: Any) -> int:
     names = names if isinstance(names, tuple) else (names,)
+    for n in names:
+        if n is not None and n not in mesh.shape:
+            raise ValueError(
+                f"eqstate.shardings: a rule's PartitionSpec names the mesh axis {n!r}, but "
+                f"the mesh has the axes {tuple(mesh.shape)}."
+            )
     return math.prod(mesh.shape[n] for n in names if n is not None)
 
 
@@ -136,11 +143,17 @@ def _follow_params(
     def walk(node: Any) -> None:
         if node is None or isinstance(node, int):
             return
+        # optax.multi_transform masks the parameters of other labels with MaskedNode
+        node = jtu.tree_map(
+            lambda x: -1 if isinstance(x, optax.MaskedNode) else x,
+            node,
+            is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+        )
         if jtu.tree_structure(node, is_leaf=is_none) == p_def:
             for index, spec, e in zip(
                 jtu.tree_leaves(node, is_leaf=is_none), spread, opt.shapes.entries
             ):
-                if isinstance(index, int) and e is not None and spec is not None:
+                if isinstance(index, int) and index >= 0 and e is not None and spec is not None:
                     shape = tuple(np.shape(opt.opt_leaves[index]))
                     if _fits(spec, shape, mesh) is None and shape == tuple(e[0]):
                         out[index] = spec

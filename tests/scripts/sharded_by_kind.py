@@ -140,6 +140,33 @@ raises(
 assert jax.tree.leaves(
     eqstate.shardings(eqstate.abstract((net, opt)), mesh, rules)
 ) == jax.tree.leaves(sh)
+
+
+# multi_transform's state (MaskedNode for the other labels' parameters) follows too
+class NoDecay(eqstate.Param):
+    pass
+
+
+class Two(eqstate.Module):
+    w: jax.Array
+    b: jax.Array = NoDecay.field()
+
+
+two = Two(jnp.ones((8, 4)), jnp.ones(8))
+labels = eqstate.labels({NoDecay: "plain", eqstate.Param: "decay"})
+multi = optax.multi_transform({"decay": optax.adamw(1e-3), "plain": optax.adam(1e-3)}, labels)
+specs = [
+    s.spec
+    for s in eqstate.shardings(
+        eqstate.Optimizer(multi, two), mesh, [(eqstate.Param, P("model"))]
+    ).opt_leaves
+]
+assert specs.count(P("model")) == 4, specs  # each label's mu and nu
+raises(
+    lambda: eqstate.shardings(two, mesh, [(..., P("nope"))]),
+    r"names the mesh axis 'nope', but the mesh has the axes \('data', 'model'\)",
+)
+
 # a retrace caused by a new layout says so
 double = eqstate.jit(lambda x: x * 2, max_traces=1)
 double(jnp.ones(16))
