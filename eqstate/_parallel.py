@@ -97,6 +97,14 @@ def device_count(x: Any) -> int:
     return math.prod(jax.lax.psum(1, n) for n in varying_devices(x))
 
 
+_MSG_ROWS = (
+    "{name}: every array outside a module is split along its leading axis as the batch "
+    "(over mesh axis {axis!r}), but {a} has {na} rows and {b} has {nb}. An array that is "
+    "not per example (a lookup table, a PRNG key, a learning rate schedule) belongs in a "
+    "module (`eqx.Module` fields are replicated), or in the step's closure."
+)
+
+
 # --- data_parallel ---------------------------------------------------------------------
 
 
@@ -135,7 +143,23 @@ def _in_specs(dynamic: Any, axis: Hashable, n: int, name: str) -> Any:
             )
         return PartitionSpec(axis)
 
-    return jtu.tree_map_with_path(one, dynamic, is_leaf=_is_module)
+    specs = jtu.tree_map_with_path(one, dynamic, is_leaf=_is_module)
+    split = [
+        (argpath(path), x.shape[0])
+        for (path, x), spec in zip(
+            jtu.tree_flatten_with_path(dynamic, is_leaf=_is_module)[0],
+            jtu.tree_leaves(specs, is_leaf=_is_spec),
+        )
+        if spec != PartitionSpec()
+    ]
+    for where, rows in split[1:]:
+        if rows != split[0][1]:
+            raise ValueError(
+                _MSG_ROWS.format(
+                    name=name, a=split[0][0], na=split[0][1], b=where, nb=rows, axis=axis
+                )
+            )
+    return specs
 
 
 def _check_replicated(out: Any, specs: Any, axis: Hashable, name: str) -> None:

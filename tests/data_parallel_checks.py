@@ -412,6 +412,14 @@ def errors_are_named():
         assert "no such axis; its axes are ('data',)" in str(err), err
     else:
         raise AssertionError("an unknown mesh axis did not raise")
+    # an array outside a module with other rows than the batch: not split silently
+    try:
+        fn(model, x, y[:8])
+    except ValueError as err:
+        assert "args[1] has 32 rows and args[2] has 8" in str(err), err
+        assert "belongs in a module" in str(err), err
+    else:
+        raise AssertionError("arrays of different row counts did not raise")
 
 
 def main(names):
