@@ -28,7 +28,6 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 from jax.core import Tracer
-from jax.extend.core import get_opaque_trace_state
 
 
 # never copied: immutable values, and JAX arrays and tracers (unhashable, but immutable)
@@ -240,13 +239,12 @@ def restore(saved: list[tuple[Any, Any]]) -> None:
 class Frame:
     """One running mutating call: its draft, the caller's original, and what it saw."""
 
-    __slots__ = ("args", "draft", "original", "owned", "pending", "trace")
+    __slots__ = ("args", "draft", "original", "owned", "pending")
 
     def __init__(self, draft: Any, original: Any, owned: dict[int, Any], args: Any):
         self.draft = draft
         self.original = original
         self.owned = owned  # the modules reachable from the draft, by id
-        self.trace = get_opaque_trace_state()
         # id(new child) -> (new child, the child it came from, [(path, new leaf, old
         # leaf)] of its changed state, the method called, whether the change is only
         # possible: decided when the step runs)
@@ -297,29 +295,3 @@ def frame_of(draft: Any) -> Frame | None:
         if f.draft is draft:
             return f
     return None
-
-
-EAGER = get_opaque_trace_state()
-
-
-def is_mapped(x: Any) -> bool:
-    """Whether `x` carries a `jax.vmap` batch axis, also under transformations applied
-    inside the `vmap` (`jax.grad` wraps the batched value in its own tracer).
-
-    Duck-typed on the tracers: JAX has no public test for this.
-    """
-    for _ in range(8):
-        if not isinstance(x, Tracer):
-            return False
-        if getattr(x, "batch_dim", None) is not None:
-            return True
-        x = getattr(x, "primal", None)  # a JVP tracer's primal value
-    return False
-
-
-def per_example(frame: Frame) -> bool:
-    """Whether `frame`'s call runs per example: under `jax.vmap`, with mapped arguments
-    and a module that is not mapped."""
-    if frame.trace == EAGER or not any(map(is_mapped, jax.tree_util.tree_leaves(frame.args))):
-        return False
-    return not any(map(is_mapped, jax.tree_util.tree_leaves(frame.original)))

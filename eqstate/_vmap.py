@@ -57,12 +57,6 @@ class _Local(threading.local):
 _local = _Local()
 
 
-def bound_axes() -> tuple[Hashable, ...]:
-    """The axis names of the `eqstate.vmap` calls being traced (that map examples, the
-    modules unmapped), outermost first."""
-    return tuple(_local.axes)
-
-
 def device_axes() -> tuple[Hashable, ...]:
     """The mesh axes of the `eqstate.data_parallel` calls being traced, over which the
     batch is split (layers reduce over them too, but the calls are not per example)."""
