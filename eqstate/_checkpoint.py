@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._convert import is_key
+from ._convert import is_array_or_abstract, is_key, stand_in
 from ._filters import Filter, describe, is_none, select as _select
 from ._resolve import plan
 from ._shard import put
@@ -90,17 +90,7 @@ def _is_data(x: Any) -> bool:
     """Whether `x` is a leaf a checkpoint holds: an array (concrete or abstract) or a
     Python number. Python bools (the `inference` flags) are not: `load` keeps `like`'s,
     so loading into `eqstate.eval(fresh)` gives a model in inference."""
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or (
-        type(x) in _SCALARS
-    )
-
-
-def _stand_in(x: Any) -> Any:
-    """A zero-memory array that filters see in place of an abstract leaf."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        dtype = np.uint32 if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype
-        return np.broadcast_to(np.zeros((), dtype), x.shape)
-    return x
+    return is_array_or_abstract(x) or type(x) in _SCALARS
 
 
 def _kind_name(kind: type) -> str:
@@ -137,7 +127,7 @@ def _selected(
     paths = [jtu.keystr(k) for k in p.paths]
     data = [_is_data(x) for x in leaves]
     if filters:
-        stand_ins = p.treedef.unflatten([_stand_in(x) for x in leaves])
+        stand_ins = p.treedef.unflatten([stand_in(x) for x in leaves])
         _, _, match = _select(stand_ins, filters[0] if len(filters) == 1 else filters, fn)
         data = [d and m for d, m in zip(data, match)]
     return leaves, p, paths, data

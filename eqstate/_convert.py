@@ -82,3 +82,17 @@ def _weak(value: jax.Array, old: Any) -> jax.Array:
     """
     fill = jax.vmap(lambda v: jax.lax.full_like(old, v, shape=()))
     return fill(value.reshape(-1)).reshape(value.shape)
+
+
+def is_array_or_abstract(x: Any) -> bool:
+    """Whether `x` is an array, concrete (JAX, NumPy) or abstract (`ShapeDtypeStruct`)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def stand_in(x: Any) -> Any:
+    """`x`, or for an abstract leaf a zero-memory NumPy array of its shape (and dtype;
+    a key's raw `uint32`), which filters see as an array."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        dtype = np.uint32 if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype
+        return np.broadcast_to(np.zeros((), dtype), x.shape)
+    return x

@@ -16,6 +16,7 @@ import numpy as np
 from jax.core import Tracer
 
 from . import _treescope
+from ._convert import is_array_or_abstract
 from ._filters import first_mismatch
 from ._kinds import BatchStat, Kind, OptState, Param, Rng, State
 from ._resolve import plan
@@ -165,7 +166,7 @@ def summary(tree: Any) -> Summary:
     leaves, p = plan(tree)
     rows, others = [], []
     for where, kind, leaf in zip(_wheres(tree, p.paths), p.kinds, leaves):
-        if _is_array(leaf):
+        if is_array_or_abstract(leaf):
             shape = tuple(leaf.shape)
             size = math.prod(shape)
             rows.append(
@@ -305,14 +306,14 @@ def diff(before: Any, after: Any) -> Diff:
     rows, arrays = [], 0
     for where, kind, a, b in zip(_wheres(after, q.paths), q.kinds, old, new):
         if a is b:
-            arrays += _is_array(b)
+            arrays += is_array_or_abstract(b)
             continue
-        if _is_array(a) and _is_array(b):
+        if is_array_or_abstract(a) and is_array_or_abstract(b):
             arrays += 1
             row = _compare_arrays(where, kind, a, b)
-        elif _is_array(a) or _is_array(b):
-            arrays += _is_array(b)
-            row = _compare_mixed(where, kind if _is_array(b) else None, a, b)
+        elif is_array_or_abstract(a) or is_array_or_abstract(b):
+            arrays += is_array_or_abstract(b)
+            row = _compare_mixed(where, kind if is_array_or_abstract(b) else None, a, b)
         else:
             row = _compare_values(where, a, b)
         if row is not None:
@@ -385,10 +386,6 @@ def _compare_values(where: str, a: Any, b: Any) -> DiffRow | None:
     except Exception:
         pass
     return DiffRow(where, None, "", "", None, None, None, f"{_short(a)} → {_short(b)}")
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
 def _where(path: tuple) -> str:

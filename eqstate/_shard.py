@@ -14,6 +14,7 @@ import optax
 from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ._convert import is_array_or_abstract, stand_in
 from ._filters import Filter, describe, is_none, select
 from ._optimizer import Optimizer
 from ._resolve import plan
@@ -37,18 +38,6 @@ _MSG_DIVIDE = (
     "{path} (shape {shape}) over mesh axes {names} of size {size}, which does not divide "
     "{dim}. Choose another spec for it, or a mesh axis whose size divides {dim}."
 )
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-
-
-def _stand_in(x: Any) -> Any:
-    """A zero-memory array filters see in place of an abstract leaf."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        dtype = np.uint32 if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype
-        return np.broadcast_to(np.zeros((), dtype), x.shape)
-    return x
 
 
 def _axis_size(mesh: Mesh, names: Any) -> int:
@@ -77,11 +66,11 @@ def _specs(
 ) -> list[PartitionSpec | None]:
     """A spec for every leaf of `tree` (`None` for leaves that are not arrays)."""
     leaves, p = plan(tree)
-    stand_ins = p.treedef.unflatten([_stand_in(x) for x in leaves])
+    stand_ins = p.treedef.unflatten([stand_in(x) for x in leaves])
     matches = [select(stand_ins, f, "eqstate.shardings rules")[2] for f, _ in rules]
     out: list[PartitionSpec | None] = []
     for j, (leaf, path) in enumerate(zip(leaves, p.paths)):
-        if not _is_array(leaf):
+        if not is_array_or_abstract(leaf):
             out.append(None)
             continue
         i = next((i for i, m in enumerate(matches) if m[j]), None)

@@ -13,10 +13,9 @@ import importlib.util
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.tree_util as jtu
-import numpy as np
 
+from ._convert import is_array_or_abstract
 from ._kinds import Kind, Param, field_kind
 from ._module import Module
 
@@ -29,14 +28,10 @@ _INHERITED: contextvars.ContextVar[type[Kind] | None] = contextvars.ContextVar(
 _KIND_STYLE = "color: #7a5ea8; font-style: italic"
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
-
-
 def _shows_kind(f: dataclasses.Field, value: Any) -> bool:
     """Whether the field's line names its kind: it holds arrays, and declares a kind or
     holds no modules (a module's own fields name theirs)."""
-    if not any(map(_is_array, jtu.tree_leaves(value))):
+    if not any(map(is_array_or_abstract, jtu.tree_leaves(value))):
         return False  # flags, None: kinds are for arrays
     if field_kind(f) is not None:
         return True
