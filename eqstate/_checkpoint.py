@@ -173,10 +173,6 @@ def _value(entry: dict[str, Any], stored: Any, like: Any) -> Any:
     if isinstance(like, jax.Array) and not like.committed:
         sharding = None  # JAX's default placement, as `like`'s
     if "key_impl" in entry:
-        if sharding is not None and not sharding.is_fully_addressable:  # other processes
-            impl = entry["key_impl"]
-            wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)
-            return wrap(np.asarray(stored))
         value = jax.random.wrap_key_data(jnp.asarray(stored), impl=entry["key_impl"])
     elif isinstance(like, (np.ndarray, np.generic)):
         return np.array(stored)

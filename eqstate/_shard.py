@@ -7,14 +7,13 @@ from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optax
 from jax.core import Tracer
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ._convert import is_array_or_abstract, stand_in
+from ._convert import is_array_or_abstract, is_key, stand_in
 from ._filters import Filter, describe, is_none, select
 from ._optimizer import Optimizer
 from ._resolve import plan
@@ -228,7 +227,7 @@ def put(value: Any, sharding: jax.sharding.Sharding) -> Any:
     when the sharding spans other processes, where `jax.device_put` refuses."""
     if sharding.is_fully_addressable:
         return jax.device_put(value, sharding)
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+    if is_key(value):
         impl = jax.random.key_impl(value)
         data = np.asarray(jax.random.key_data(value))
         wrap = jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)
