@@ -395,20 +395,16 @@ def _where(path: tuple) -> str:
 def _wheres(tree: Any, paths: tuple) -> list[str]:
     """Each leaf's path for a reader: an optimizer's flat `opt_leaves[i]` by its place
     in optax's state (`.opt_state[0].mu.weight`)."""
-    from ._optimizer import Optimizer
+    from ._optimizer import optimizers_in
 
     out = [_where(path) for path in paths]
-    offset = 0
-    for piece in jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, Optimizer)):
-        n = len(jtu.tree_leaves(piece))
-        if isinstance(piece, Optimizer):
-            indices = piece.opt_def.unflatten(list(range(len(piece.opt_leaves))))
-            for k, i in jtu.tree_flatten_with_path(indices)[0]:
-                suffix = f".opt_leaves[{i}]"
-                at = offset + i
-                if out[at].endswith(suffix):
-                    out[at] = out[at][: -len(suffix)] + ".opt_state" + jtu.keystr(k)
-        offset += n
+    for offset, opt in optimizers_in(tree):
+        indices = opt.opt_def.unflatten(list(range(len(opt.opt_leaves))))
+        for k, i in jtu.tree_flatten_with_path(indices)[0]:
+            suffix = f".opt_leaves[{i}]"
+            at = offset + i
+            if out[at].endswith(suffix):
+                out[at] = out[at][: -len(suffix)] + ".opt_state" + jtu.keystr(k)
     return out
 
 

@@ -1,6 +1,7 @@
 """`Optimizer`: an optax transformation and its state, as a module."""
 
 import math
+from collections.abc import Iterator
 from typing import Any, Self, TypeVar
 
 import equinox as eqx
@@ -459,3 +460,13 @@ def _unaliased(state: Any, params: Any) -> Any:
     slow weights), so that donating the optimizer never donates the model's buffers."""
     ids = {id(x) for x in jtu.tree_leaves(params)}
     return jtu.tree_map(lambda x: jnp.copy(x) if id(x) in ids else x, state)
+
+
+def optimizers_in(tree: Any) -> Iterator[tuple[int, Optimizer]]:
+    """Each `Optimizer` in `tree`, with the index of its first leaf (its first
+    `opt_leaves` entry) among `jax.tree_util.tree_leaves(tree)`."""
+    offset = 0
+    for piece in jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, Optimizer)):
+        if isinstance(piece, Optimizer):
+            yield offset, piece
+        offset += len(jtu.tree_leaves(piece))

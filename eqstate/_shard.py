@@ -15,7 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._convert import is_array_or_abstract, is_key, stand_in
 from ._filters import Filter, describe, is_none, select
-from ._optimizer import Optimizer
+from ._optimizer import Optimizer, optimizers_in
 from ._resolve import plan
 
 
@@ -210,14 +210,10 @@ def shardings(
         checked.append((f, spec))
     specs = _specs(tree, mesh, checked, default)
     # optimizers: their state follows their parameters
-    offset = 0
-    for piece in jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, Optimizer)):
-        n = len(jtu.tree_leaves(piece))
-        if isinstance(piece, Optimizer):
-            for k, spec in enumerate(_follow_params(piece, mesh, checked, default)):
-                if spec is not None:
-                    specs[offset + k] = spec
-        offset += n
+    for offset, opt in optimizers_in(tree):
+        for k, spec in enumerate(_follow_params(opt, mesh, checked, default)):
+            if spec is not None:
+                specs[offset + k] = spec
     treedef = plan(tree)[1].treedef
     return treedef.unflatten([None if s is None else NamedSharding(mesh, s) for s in specs])
 
