@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ._jit import Jit, jit
 from ._retrace import argpath
-from ._vmap import _local, device_axes
+from ._vmap import _local, device_axes, is_module
 
 
 _P = ParamSpec("_P")
@@ -108,10 +108,6 @@ _MSG_ROWS = (
 # --- data_parallel ---------------------------------------------------------------------
 
 
-def _is_module(x: Any) -> bool:
-    return isinstance(x, eqx.Module)
-
-
 def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
@@ -130,7 +126,7 @@ def _in_specs(dynamic: Any, axis: Hashable, n: int, name: str) -> Any:
     devices do not divide."""
 
     def one(path: tuple, x: Any) -> Any:
-        if _is_module(x):
+        if is_module(x):
             return PartitionSpec()
         if np.ndim(x) == 0:
             return PartitionSpec()
@@ -143,11 +139,11 @@ def _in_specs(dynamic: Any, axis: Hashable, n: int, name: str) -> Any:
             )
         return PartitionSpec(axis)
 
-    specs = jtu.tree_map_with_path(one, dynamic, is_leaf=_is_module)
+    specs = jtu.tree_map_with_path(one, dynamic, is_leaf=is_module)
     split = [
         (argpath(path), x.shape[0])
         for (path, x), spec in zip(
-            jtu.tree_flatten_with_path(dynamic, is_leaf=_is_module)[0],
+            jtu.tree_flatten_with_path(dynamic, is_leaf=is_module)[0],
             jtu.tree_leaves(specs, is_leaf=_is_spec),
         )
         if spec != PartitionSpec()

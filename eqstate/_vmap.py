@@ -167,14 +167,14 @@ class _Static(eqx.Module):
     value: Any = eqx.field(static=True)
 
 
-def _is_module(x: Any) -> bool:
+def is_module(x: Any) -> bool:
     return isinstance(x, eqx.Module)
 
 
 def _default_in(tree: Any) -> Any:
     """Modules unmapped, other arrays mapped over their leading axis."""
     return jtu.tree_map(
-        lambda x: None if _is_module(x) else eqx.if_array(0), tree, is_leaf=_is_module
+        lambda x: None if is_module(x) else eqx.if_array(0), tree, is_leaf=is_module
     )
 
 
@@ -184,10 +184,10 @@ def _maps_a_module(tree: Any, axes: Any) -> bool:
     return any(
         jtu.tree_leaves(
             jtu.tree_map(
-                lambda node, flags: _is_module(node) and any(jtu.tree_leaves(flags)),
+                lambda node, flags: is_module(node) and any(jtu.tree_leaves(flags)),
                 tree,
                 mapped,
-                is_leaf=lambda x: _is_module(x) or x is None,
+                is_leaf=lambda x: is_module(x) or x is None,
             )
         )
     )

@@ -69,6 +69,12 @@ def _missing(model: Any, state: eqx.nn.State) -> list[str]:
     return out
 
 
+def _split(leaves: list, is_stat: tuple[bool, ...]) -> tuple[tuple, tuple]:
+    """A state's leaves: `(those of BatchNorm layers, the others)`."""
+    stats = tuple(x for x, s in zip(leaves, is_stat) if s)
+    return stats, tuple(x for x, s in zip(leaves, is_stat) if not s)
+
+
 class WithState(Module):
     """An Equinox stateful model (or layer) and its `eqx.nn.State`, as one eqstate layer.
 
@@ -146,8 +152,7 @@ class WithState(Module):
         stats = _index_leaves(model, state, eqx.nn.BatchNorm)
         is_stat = tuple(id(x) in stats for x in leaves)
         self.model = eqx.nn.delete_init_state(model)
-        self.stats = tuple(x for x, s in zip(leaves, is_stat) if s)
-        self.buffers = tuple(x for x, s in zip(leaves, is_stat) if not s)
+        self.stats, self.buffers = _split(leaves, is_stat)
         self.layout = (treedef, is_stat)
 
     @property
@@ -195,6 +200,5 @@ class WithState(Module):
                 + [f"{k!r} is missing" for k in sorted(map(str, old - new))]
             )
             raise ValueError(_MSG_LAYOUT.format(model=name, diff=diff or "another structure"))
-        self.stats = tuple(x for x, s in zip(leaves, is_stat) if s)
-        self.buffers = tuple(x for x, s in zip(leaves, is_stat) if not s)
+        self.stats, self.buffers = _split(leaves, is_stat)
         return y
